@@ -1,0 +1,3 @@
+"""kubedistill: distill large language models on Kubernetes."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,102 @@
+"""The teacher dataset on storage: the contract between generate, train and evaluate.
+
+Layout under a dataset prefix (``<output.uri>/datasets/<datasetKey>/``)::
+
+    manifest.json                  DatasetManifest, written last: its presence means "complete"
+    shards/train-00000.jsonl       DatasetRecord lines, split "train"
+    shards/eval-00000.jsonl        DatasetRecord lines, split "eval"
+
+Records use trl's conversational prompt-completion format (``prompt`` is a list
+of messages ending with the user turn, ``completion`` the assistant turn), so
+trl trains on the completion only without any custom collator.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from kubedistill.api.base import ApiModel
+
+MANIFEST_NAME = "manifest.json"
+SHARDS_DIR = "shards"
+DATASET_FORMAT_VERSION = 1
+
+Split = Literal["train", "eval"]
+
+
+class Message(ApiModel):
+    """One chat message."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class Usage(ApiModel):
+    """Tokens the teacher billed."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+        )
+
+
+class TokenLogprob(ApiModel):
+    """One answer token with its top-k alternatives (when logprobs were asked for)."""
+
+    token: str
+    logprob: float
+    top: dict[str, float] = Field(default_factory=dict)
+
+
+class DatasetRecord(ApiModel):
+    """One training/eval example: a prompt and one teacher answer."""
+
+    key: str = Field(description="Content hash of (teacher model, sampling, system prompt, prompt, sample index).")
+    id: str | None = Field(default=None, description="The prompt's id from the input, when it had one.")
+    split: Split
+    prompt: list[Message]
+    completion: list[Message] = Field(description="Exactly one assistant message.")
+    finish_reason: str | None = None
+    usage: Usage = Field(default_factory=Usage)
+    logprobs: list[TokenLogprob] | None = None
+
+
+class ShardInfo(ApiModel):
+    """One JSONL shard, relative to the dataset prefix."""
+
+    path: str
+    split: Split
+    records: int
+    sha256: str
+
+
+class DatasetCounts(ApiModel):
+    """What happened to the input prompts."""
+
+    prompts: int = 0
+    train: int = 0
+    eval: int = 0
+    malformed: int = 0
+    too_long: int = 0
+    failed: int = 0
+    reused: int = Field(default=0, description="Answers taken from the store instead of asking the teacher.")
+    requested: int = Field(default=0, description="Answers the teacher was asked for in this run.")
+
+
+class DatasetManifest(ApiModel):
+    """Written last; a dataset prefix without it is incomplete."""
+
+    version: int = DATASET_FORMAT_VERSION
+    dataset_key: str
+    teacher_model: str
+    shards: list[ShardInfo]
+    counts: DatasetCounts
+    usage: Usage = Field(default_factory=Usage)
+    digest: str = Field(description="sha256 over the shard digests, in order: identifies the dataset's content.")
+    created_at: str

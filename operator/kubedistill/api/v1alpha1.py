@@ -1,0 +1,440 @@
+"""The kubedistill.io/v1alpha1 API: DistillationJob and DistilledModel.
+
+These pydantic models are the single source of truth: the CRD YAML in crds/ is
+generated from them (``kubedistill crds``), the operator parses custom
+resources with them, and the workers validate their configs with the same
+sub-models. Every field carries a description because it is what
+``kubectl explain`` prints.
+
+Validation lives in two places that must agree: pydantic validators here (for
+the operator, the workers and local mode) and the schema + CEL rules in the
+generated CRD (for the API server). Rules that the API server must enforce are
+declared with ``cel(...)`` in ``json_schema_extra`` next to the pydantic check.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from kubedistill.api.base import ApiModel
+
+GROUP = "kubedistill.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# A Kubernetes resource quantity ("500m", "16Gi", "2"), as apimachinery parses it.
+QUANTITY_PATTERN = r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+|[numkMGTPE]|[KMGTPE]i)?$"
+S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$"
+HTTP_URL_PATTERN = r"^https?://[^\s]+$"
+DNS1123_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, Any]:
+    """One CEL rule for ``x-kubernetes-validations``."""
+    validation: dict[str, Any] = {"rule": rule, "message": message}
+    if field_path:
+        validation["fieldPath"] = field_path
+    return validation
+
+
+# --------------------------------------------------------------------------- shared
+
+
+class SecretKeyRef(ApiModel):
+    """A key of a Secret in the same namespace. Its value never leaves the Secret:
+    pods get it through ``secretKeyRef``."""
+
+    name: str = Field(description="Name of the Secret, in the namespace of the resource.", min_length=1)
+    key: str = Field(description="Key inside the Secret.", min_length=1)
+
+
+class SecretRef(ApiModel):
+    """A whole Secret in the same namespace."""
+
+    name: str = Field(description="Name of the Secret, in the namespace of the resource.", min_length=1)
+
+
+class ConfigMapKeyRef(ApiModel):
+    """A key of a ConfigMap in the same namespace."""
+
+    name: str = Field(description="Name of the ConfigMap.", min_length=1)
+    key: str = Field(description="Key inside the ConfigMap.", min_length=1)
+
+
+class Toleration(ApiModel):
+    """A pod toleration (core/v1 Toleration)."""
+
+    key: str | None = Field(default=None, description="Taint key the toleration applies to; empty matches all keys.")
+    operator: Literal["Exists", "Equal"] | None = Field(
+        default=None, description="Exists or Equal (default Equal)."
+    )
+    value: str | None = Field(default=None, description="Taint value the toleration matches (with Equal).")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to match; empty matches all effects."
+    )
+    toleration_seconds: int | None = Field(
+        default=None, description="How long a NoExecute taint is tolerated before eviction, in seconds."
+    )
+
+
+class EnvVar(ApiModel):
+    """A plain environment variable. Secrets belong in ``valueFrom`` of the pod, not here."""
+
+    name: str = Field(description="Variable name.", min_length=1, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+    value: str = Field(default="", description="Variable value.")
+
+
+class ComputeResources(ApiModel):
+    """CPU and memory for one pod (requests = limits for memory)."""
+
+    cpu: str | None = Field(default=None, description="CPU request, e.g. \"8\" or \"500m\".", pattern=QUANTITY_PATTERN)
+    memory: str | None = Field(default=None, description="Memory request and limit, e.g. \"64Gi\".", pattern=QUANTITY_PATTERN)
+
+
+# --------------------------------------------------------------------------- teacher
+
+
+class Sampling(ApiModel):
+    """How the teacher (and the student during evaluation) samples answers."""
+
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="Sampling temperature; 0 is greedy.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling probability mass.")
+    max_tokens: int = Field(default=512, ge=1, le=131072, description="Most tokens per answer.")
+    n: int = Field(default=1, ge=1, le=16, description="Answers per prompt; each becomes a training example.")
+    seed: int | None = Field(default=None, description="Sampling seed, where the teacher supports one.")
+
+
+class EndpointTeacher(ApiModel):
+    """An OpenAI-compatible chat completions API (OpenAI, vLLM, TGI, a gateway...)."""
+
+    base_url: str = Field(
+        alias="baseURL",
+        pattern=HTTP_URL_PATTERN,
+        description="Base URL of the OpenAI-compatible API, including /v1, e.g. https://api.openai.com/v1.",
+    )
+    model: str = Field(min_length=1, description="Model name sent in each request.")
+    api_key_secret_ref: SecretKeyRef | None = Field(
+        default=None, description="Secret key holding the API key; passed to the pod as a secretKeyRef only."
+    )
+    max_concurrency: int = Field(default=32, ge=1, le=4096, description="Most requests in flight at once.")
+    requests_per_minute: int | None = Field(default=None, ge=1, description="Request rate limit (per minute).")
+    tokens_per_minute: int | None = Field(
+        default=None, ge=1, description="Token rate limit (prompt + max completion tokens, per minute)."
+    )
+    timeout_seconds: float = Field(default=120.0, gt=0, le=3600, description="Timeout of one request, in seconds.")
+    max_retries: int = Field(default=6, ge=0, le=100, description="Retries of one request before it counts as failed.")
+
+
+class VLLMTeacher(ApiModel):
+    """An open-weight teacher run inside the generate pod with vLLM offline batch inference."""
+
+    model: str = Field(min_length=1, description="Model to load: an s3:// prefix, a local path, or a hub id.")
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64, description="Tensor parallel degree.")
+    gpus: int = Field(default=1, ge=0, le=64, description="GPUs for the generate pod (0 runs on CPU).")
+    max_model_len: int | None = Field(default=None, ge=16, description="Context length vLLM allocates for.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(default="auto", description="Weights dtype.")
+
+
+class TeacherSpec(ApiModel):
+    """Who answers the prompts. Exactly one of endpoint or vllm."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                cel(
+                    "has(self.endpoint) != has(self.vllm)",
+                    "set exactly one of spec.teacher.endpoint (an OpenAI-compatible API) or spec.teacher.vllm (an in-cluster model)",
+                )
+            ]
+        }
+    }
+
+    endpoint: EndpointTeacher | None = Field(default=None, description="An OpenAI-compatible API.")
+    vllm: VLLMTeacher | None = Field(default=None, description="An open-weight model run with vLLM in the generate pod.")
+    sampling: Sampling = Field(default_factory=Sampling, description="Sampling settings of the teacher.")
+    system_prompt: str | None = Field(default=None, description="System prompt prepended to every prompt.")
+    logprobs: int | None = Field(
+        default=None, ge=0, le=20, description="Capture this many top logprobs per answer token (0 or unset: none)."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one_teacher(self) -> TeacherSpec:
+        if (self.endpoint is None) == (self.vllm is None):
+            raise ValueError(
+                "set exactly one of spec.teacher.endpoint (an OpenAI-compatible API) or spec.teacher.vllm (an in-cluster model)"
+            )
+        return self
+
+    @property
+    def model_name(self) -> str:
+        """The teacher model's name, whichever kind of teacher this is."""
+        return self.endpoint.model if self.endpoint else self.vllm.model  # type: ignore[union-attr]
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+class PromptsSource(ApiModel):
+    """Where the prompts come from: exactly one of uri or configMapRef."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                cel(
+                    "has(self.uri) != has(self.configMapRef)",
+                    "set exactly one of prompts.uri (s3://...jsonl) or prompts.configMapRef",
+                )
+            ]
+        }
+    }
+
+    uri: str | None = Field(default=None, pattern=S3_URI_PATTERN, description="s3:// URI of a JSONL file of prompts.")
+    config_map_ref: ConfigMapKeyRef | None = Field(
+        default=None, description="A ConfigMap key holding JSONL prompts (small prompt sets)."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> PromptsSource:
+        if (self.uri is None) == (self.config_map_ref is None):
+            raise ValueError("set exactly one of prompts.uri (s3://...jsonl) or prompts.configMapRef")
+        return self
+
+
+class DatasetSpec(ApiModel):
+    """The prompts the teacher answers, and how they are split for evaluation."""
+
+    prompts: PromptsSource = Field(description="JSONL prompts: {\"prompt\": str} or {\"messages\": [...]}, optional \"id\".")
+    format: Literal["chat", "prompt"] = Field(
+        default="chat", description="chat: records hold messages; prompt: records hold a prompt string."
+    )
+    eval_fraction: float = Field(
+        default=0.1, gt=0.0, lt=1.0, description="Fraction of prompts held out for evaluation (split by content hash)."
+    )
+    eval_prompts: PromptsSource | None = Field(
+        default=None, description="Separate held-out prompts; when set, evalFraction is ignored."
+    )
+    max_examples: int | None = Field(default=None, ge=1, description="Use at most this many prompts.")
+    max_prompt_chars: int = Field(
+        default=32000, ge=1, description="Prompts longer than this are skipped and reported, not sent."
+    )
+    max_failure_fraction: float = Field(
+        default=0.05, ge=0.0, le=1.0, description="Generation fails only when more than this fraction of prompts fail."
+    )
+
+
+# --------------------------------------------------------------------------- student
+
+
+class LoraSpec(ApiModel):
+    """LoRA adapter settings (peft)."""
+
+    rank: int = Field(default=16, ge=1, le=1024, description="LoRA rank r.")
+    alpha: int = Field(default=32, ge=1, le=4096, description="LoRA alpha (scaling = alpha / rank).")
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["all-linear"],
+        min_length=1,
+        description="Module names to adapt, or [\"all-linear\"].",
+    )
+
+
+class TrainingSpec(ApiModel):
+    """Training hyper-parameters (trl SFTConfig)."""
+
+    epochs: float = Field(default=3.0, gt=0, le=1000, description="Passes over the training set.")
+    max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
+    learning_rate: float = Field(default=2e-4, gt=0, lt=1, description="Peak learning rate.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        default="cosine", description="Learning-rate schedule."
+    )
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1, description="Fraction of steps used for warm-up.")
+    weight_decay: float = Field(default=0.0, ge=0, lt=1, description="AdamW weight decay.")
+    batch_size: int = Field(default=8, ge=1, le=4096, description="Per-device batch size.")
+    gradient_accumulation_steps: int = Field(default=1, ge=1, le=1024, description="Micro-batches per optimizer step.")
+    max_seq_length: int = Field(default=2048, ge=16, le=1048576, description="Longest training sequence in tokens.")
+    packing: bool = Field(default=False, description="Pack short examples into full-length sequences.")
+    completion_only_loss: bool = Field(
+        default=True, description="Train on the teacher's answer only, not on the prompt."
+    )
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        default="auto", description="auto: bf16 on GPUs that support it, fp32 on CPU."
+    )
+    gradient_checkpointing: bool = Field(default=False, description="Trade compute for memory.")
+    seed: int = Field(default=42, description="Seed for data order and initialisation.")
+    checkpoint_every_steps: int = Field(default=200, ge=1, description="Save a checkpoint to the output URI every N steps.")
+
+
+class StudentSpec(ApiModel):
+    """The small pre-trained model to fine-tune on the teacher's answers."""
+
+    model: str = Field(
+        min_length=1,
+        description="Base model: an s3:// prefix, pvc://<claim>/<path>, or a hub id the cluster can reach.",
+    )
+    method: Literal["lora", "full"] = Field(default="lora", description="lora (peft adapter) or full fine-tuning.")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings (method lora).")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Training hyper-parameters.")
+    chat_template: str | None = Field(
+        default=None, description="Jinja chat template to use when the student's tokenizer has none."
+    )
+    export: Literal["merged", "adapter"] = Field(
+        default="merged", description="merged: full safetensors vLLM serves as is; adapter: the LoRA adapter only."
+    )
+
+
+# --------------------------------------------------------------------------- evaluation
+
+Metric = Literal["exactMatch", "tokenF1", "rougeL", "jsonFieldAccuracy"]
+
+
+class EvaluationSpec(ApiModel):
+    """How the student is compared with the teacher on held-out prompts, and the gate."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.agreementMetric) || !has(self.metrics) || self.agreementMetric in self.metrics",
+                    "evaluation.agreementMetric must be one of evaluation.metrics",
+                )
+            ]
+        }
+    }
+
+    metrics: list[Metric] = Field(
+        default_factory=lambda: ["exactMatch", "tokenF1", "rougeL"],
+        min_length=1,
+        description="Metrics computed between student and teacher answers.",
+    )
+    agreement_metric: Metric = Field(
+        default="tokenF1", description="The metric whose mean is the teacher agreement the gate checks."
+    )
+    min_teacher_agreement: float = Field(
+        default=0.95, ge=0.0, le=1.0, description="Gate: the run fails below this teacher agreement."
+    )
+    max_examples: int | None = Field(default=None, ge=1, description="Evaluate on at most this many held-out prompts.")
+
+    @model_validator(mode="after")
+    def _agreement_metric_is_computed(self) -> EvaluationSpec:
+        if self.agreement_metric not in self.metrics:
+            raise ValueError("evaluation.agreementMetric must be one of evaluation.metrics")
+        return self
+
+
+# --------------------------------------------------------------------------- serving
+
+
+class VLLMServingSpec(ApiModel):
+    """vLLM server settings of a DistilledModel."""
+
+    image: str | None = Field(default=None, description="vLLM image; the operator's default when unset.")
+    max_model_len: int | None = Field(default=None, ge=16, description="Context length served.")
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1, description="Fraction of GPU memory vLLM may use.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(default="auto", description="Weights dtype.")
+    extra_args: list[str] = Field(default_factory=list, description="Extra vLLM server arguments.")
+    env: list[EnvVar] = Field(default_factory=list, description="Extra environment variables of the vLLM container.")
+
+
+class AutoscalingSpec(ApiModel):
+    """Horizontal autoscaling of the vLLM Deployment."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                cel("self.minReplicas <= self.maxReplicas", "autoscaling.minReplicas must not exceed maxReplicas")
+            ]
+        }
+    }
+
+    min_replicas: int = Field(default=1, ge=1, le=1000, description="Fewest replicas.")
+    max_replicas: int = Field(default=4, ge=1, le=1000, description="Most replicas.")
+    target_cpu_utilization: int = Field(default=70, ge=1, le=100, description="Average CPU utilisation target, percent.")
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("autoscaling.minReplicas must not exceed maxReplicas")
+        return self
+
+
+class ServingSpec(ApiModel):
+    """How a DistilledModel is served."""
+
+    replicas: int = Field(default=1, ge=0, le=1000, description="vLLM replicas (ignored when autoscaling is set).")
+    autoscaling: AutoscalingSpec | None = Field(default=None, description="Autoscale replicas with an HPA.")
+    gpus: int = Field(default=1, ge=0, le=16, description="GPUs per replica (0 serves on CPU).")
+    node_selector: dict[str, str] | None = Field(default=None, description="Node selector; the operator's GPU pool default when unset.")
+    tolerations: list[Toleration] | None = Field(default=None, description="Tolerations; the operator's GPU default when unset.")
+    resources: ComputeResources | None = Field(default=None, description="CPU and memory per replica.")
+    vllm: VLLMServingSpec = Field(default_factory=VLLMServingSpec, description="vLLM settings.")
+
+
+# --------------------------------------------------------------------------- output, storage, resources
+
+
+class ModelOutputSpec(ApiModel):
+    """The DistilledModel a successful run publishes."""
+
+    name: str = Field(
+        min_length=1, max_length=53, pattern=DNS1123_LABEL_PATTERN, description="Name of the DistilledModel to create or update."
+    )
+    serve: bool = Field(default=True, description="Create/update the DistilledModel (and so serve it) on success.")
+    serving: ServingSpec | None = Field(default=None, description="Serving settings copied into the DistilledModel.")
+
+
+class OutputSpec(ApiModel):
+    """Where artifacts go and what is published."""
+
+    uri: str = Field(
+        pattern=S3_URI_PATTERN, description="s3:// prefix for datasets, checkpoints, the final model and the report."
+    )
+    model: ModelOutputSpec = Field(description="The DistilledModel to publish.")
+
+
+class StorageSpec(ApiModel):
+    """The S3 or S3-compatible store (MinIO, Ceph RGW, SeaweedFS...)."""
+
+    endpoint: str | None = Field(default=None, pattern=HTTP_URL_PATTERN, description="Endpoint URL; AWS S3 when unset.")
+    region: str = Field(default="us-east-1", min_length=1, description="Region.")
+    credentials_secret_ref: SecretRef | None = Field(
+        default=None,
+        description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; workload identity when unset.",
+    )
+    addressing_style: Literal["auto", "path", "virtual"] = Field(
+        default="auto", description="S3 addressing style; most S3-compatible stores want path."
+    )
+
+
+class ResourcesSpec(ApiModel):
+    """Where and with what the GPU stages run. Unset fields take the operator's defaults (Helm values)."""
+
+    node_selector: dict[str, str] | None = Field(
+        default=None, description="Node selector of GPU stages; default: the H100 pool (nvidia.com/gpu.product)."
+    )
+    tolerations: list[Toleration] | None = Field(
+        default=None, description="Tolerations of GPU stages; default: nvidia.com/gpu NoSchedule."
+    )
+    gpus_per_node: int | None = Field(default=None, ge=0, le=16, description="GPUs per training pod (default 8).")
+    nodes: int = Field(default=1, ge=1, le=1024, description="Training pods; above 1 runs an Indexed Job with torchrun rendezvous.")
+    priority_class_name: str | None = Field(default=None, description="PriorityClass of the stage pods.")
+    queue_name: str | None = Field(default=None, description="Kueue LocalQueue (kueue.x-k8s.io/queue-name label).")
+    cpu: str | None = Field(default=None, pattern=QUANTITY_PATTERN, description="CPU request per training pod.")
+    memory: str | None = Field(default=None, pattern=QUANTITY_PATTERN, description="Memory per training pod.")
+    shm_size: str | None = Field(default=None, pattern=QUANTITY_PATTERN, description="Size of the memory-backed /dev/shm.")
+
+
+# --------------------------------------------------------------------------- DistillationJob
+
+
+class DistillationJobSpec(ApiModel):
+    """A distillation run: teacher data, student training, evaluation gate, publication."""
+
+    teacher: TeacherSpec = Field(description="The large model whose answers the student learns.")
+    dataset: DatasetSpec = Field(description="The prompts, and the held-out split.")
+    student: StudentSpec = Field(description="The small model to train.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Placement and size of the stage pods.")
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Student vs teacher comparison and the gate.")
+    output: OutputSpec = Field(description="Artifact location and the model to publish.")
+    storage: StorageSpec = Field(default_factory=StorageSpec, description="The object store of s3:// URIs.")

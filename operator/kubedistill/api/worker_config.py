@@ -1,0 +1,89 @@
+"""The worker contract: what the operator (or local mode) hands each stage.
+
+The operator renders one YAML file per stage into the ``<job>-config``
+ConfigMap (``generate.yaml``, ``train.yaml``, ``evaluate.yaml``); the pod runs
+``kubedistill-worker <stage> --config /etc/kubedistill/<stage>.yaml`` and the
+worker validates the file with these models. Secrets are never part of a
+config: the teacher API key and the S3 credentials arrive as environment
+variables (``secretKeyRef`` in the pod), named by ``*_env`` fields here.
+
+URIs are ``s3://bucket/prefix`` or, for local mode and tests, local paths.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from kubedistill.api.base import ApiModel
+from kubedistill.api.v1alpha1 import EvaluationSpec, Sampling, StudentSpec, TeacherSpec
+
+TEACHER_API_KEY_ENV = "KUBEDISTILL_TEACHER_API_KEY"
+CONFIG_DIR = "/etc/kubedistill"
+TERMINATION_LOG = "/dev/termination-log"
+
+Stage = Literal["generate", "train", "evaluate", "fetch"]
+STAGES: tuple[Stage, ...] = ("generate", "train", "evaluate")
+
+
+class StorageSettings(ApiModel):
+    """How workers reach the object store. Credentials come from AWS_* environment variables."""
+
+    endpoint: str | None = Field(default=None, description="S3 endpoint URL; AWS when unset.")
+    region: str = Field(default="us-east-1")
+    addressing_style: Literal["auto", "path", "virtual"] = Field(default="auto")
+
+
+class GenerateConfig(ApiModel):
+    """generate: prompts -> teacher answers -> dataset shards + manifest."""
+
+    prompts: str = Field(description="s3:// URI or local path of the prompts JSONL.")
+    eval_prompts: str | None = Field(default=None, description="Separate held-out prompts JSONL.")
+    format: Literal["chat", "prompt"] = "chat"
+    teacher: TeacherSpec
+    eval_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+    max_examples: int | None = Field(default=None, ge=1)
+    max_prompt_chars: int = Field(default=32000, ge=1)
+    max_failure_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
+    output_uri: str = Field(description="Dataset prefix: shards/ and manifest.json are written here.")
+    answer_store_uri: str = Field(
+        description="Content-addressed store of teacher answers shared by every run of the job: "
+        "an answer found here is never requested again."
+    )
+    api_key_env: str = Field(default=TEACHER_API_KEY_ENV, description="Environment variable holding the teacher API key.")
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+
+
+class TrainConfig(ApiModel):
+    """train: dataset -> fine-tuned student -> exported model."""
+
+    student: StudentSpec
+    dataset_uri: str = Field(description="Dataset prefix written by generate (manifest.json inside).")
+    output_uri: str = Field(description="Prefix the exported model is uploaded to.")
+    checkpoint_uri: str = Field(description="Prefix for checkpoints; a restarted run resumes from the newest one.")
+    work_dir: str = Field(default="/tmp/kubedistill", description="Local scratch directory.")
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+
+
+class EvaluateConfig(ApiModel):
+    """evaluate: student answers held-out prompts, compared with the teacher's answers; the gate."""
+
+    model_uri: str = Field(description="Prefix of the exported student model.")
+    base_model: str | None = Field(default=None, description="Base model when model_uri holds a LoRA adapter.")
+    dataset_uri: str = Field(description="Dataset prefix; its eval split holds prompts and teacher answers.")
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    sampling: Sampling = Field(default_factory=Sampling, description="Student sampling (greedy by default).")
+    report_uri: str = Field(description="Where report.json is written.")
+    engine: Literal["vllm", "transformers"] = Field(default="vllm", description="How the student generates.")
+    work_dir: str = Field(default="/tmp/kubedistill")
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+
+
+class FetchConfig(ApiModel):
+    """fetch: copy an exported model prefix into a local directory (serving init container)."""
+
+    model_uri: str
+    destination: str
+    digest: str | None = Field(default=None, description="Expected model digest; fetch fails on mismatch.")
+    storage: StorageSettings = Field(default_factory=StorageSettings)
