@@ -87,3 +87,45 @@ class FetchConfig(ApiModel):
     destination: str
     digest: str | None = Field(default=None, description="Expected model digest; fetch fails on mismatch.")
     storage: StorageSettings = Field(default_factory=StorageSettings)
+
+
+# --------------------------------------------------------------------------- results
+# Each stage's success summary: the worker writes it as one JSON line to
+# /dev/termination-log (and returns it from main); the operator parses it with
+# these models into DistillationJob.status. Keep them small: 4096 bytes at most.
+
+
+class GenerateResult(ApiModel):
+    """Summary of a finished generate stage."""
+
+    dataset_uri: str
+    digest: str = Field(description="The dataset manifest's digest.")
+    examples: int = Field(description="Training + eval records written.")
+    train: int
+    eval: int
+    failed: int = 0
+    malformed: int = 0
+    too_long: int = 0
+    requested: int = Field(default=0, description="Teacher requests made by this run (0 when everything was stored).")
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class TrainResult(ApiModel):
+    """Summary of a finished train stage."""
+
+    model_uri: str
+    digest: str = Field(description="sha256 over the exported files (names and contents).")
+    global_step: int
+    train_loss: float | None = None
+    tokens_per_second: float | None = None
+    adapter: bool = Field(default=False, description="True when model_uri holds a LoRA adapter, not merged weights.")
+
+
+class EvaluateResult(ApiModel):
+    """Summary of a finished evaluate stage. The operator applies the gate to teacher_agreement."""
+
+    teacher_agreement: float = Field(ge=0.0, le=1.0)
+    metrics: dict[str, float]
+    examples: int
+    report_uri: str
