@@ -76,6 +76,7 @@ class EvaluateConfig(ApiModel):
     sampling: Sampling = Field(default_factory=Sampling, description="Student sampling (greedy by default).")
     report_uri: str = Field(description="Where report.json is written.")
     engine: Literal["vllm", "transformers"] = Field(default="vllm", description="How the student generates.")
+    max_model_len: int | None = Field(default=None, ge=16, description="Context length vLLM allocates for.")
     work_dir: str = Field(default="/tmp/kubedistill")
     storage: StorageSettings = Field(default_factory=StorageSettings)
 

@@ -1,0 +1,214 @@
+"""evaluate: the student answers the held-out prompts; its answers are scored against the teacher's.
+
+    kubedistill-worker evaluate --config evaluate.yaml
+
+The result's ``teacherAgreement`` is the mean of ``evaluation.agreementMetric``
+over the eval split; the operator (or local mode) compares it with
+``minTeacherAgreement``. A full report (per-example answers and scores) goes to
+``<reportUri>/report.json``.
+
+The student generates with vLLM (offline batch inference, the same engine that
+serves it later, so what is measured is what is served) or, where vLLM is not
+available, with transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from kubedistill.api.dataset import DatasetRecord, Message
+from kubedistill.api.worker_config import EvaluateConfig, EvaluateResult
+from kubedistill.storage.datasets import DatasetError, load_records
+from kubedistill.storage.objectstore import ObjectStore, StorageError, download_prefix, is_s3, join, open_store
+from kubedistill.worker import metrics
+from kubedistill.worker.common import WorkerError
+
+CONFIG = EvaluateConfig
+log = logging.getLogger("kubedistill.worker.evaluate")
+
+Conversation = list[dict[str, str]]
+
+
+def main(config: EvaluateConfig) -> dict[str, Any]:
+    store = open_store(config.dataset_uri, config.storage)
+    records = load_eval_records(store, config)
+    conversations = unique_prompts(records)
+    log.info("evaluating on %d records (%d distinct prompts)", len(records), len(conversations))
+
+    model_dir = resolve_model(config)
+    started = time.monotonic()
+    answers = generate_answers(config, model_dir, list(conversations.values()))
+    seconds = time.monotonic() - started
+    answer_by_prompt = dict(zip(conversations, answers, strict=True))
+
+    examples = score_records(config, records, answer_by_prompt)
+    summary = summarise(config, examples)
+    report = {
+        **summary,
+        "agreementMetric": config.evaluation.agreement_metric,
+        "generationSeconds": round(seconds, 3),
+        "engine": config.engine,
+        "examples": examples,
+    }
+    report_uri = join(config.report_uri, "report.json")
+    write_report(config, report, report_uri)
+    result = EvaluateResult(
+        teacher_agreement=summary["teacherAgreement"],
+        metrics=summary["metrics"],
+        examples=len(examples),
+        report_uri=report_uri,
+    )
+    return result.to_wire()
+
+
+def load_eval_records(store: ObjectStore, config: EvaluateConfig) -> list[DatasetRecord]:
+    try:
+        _, records = load_records(store, config.dataset_uri, split="eval")
+    except (DatasetError, StorageError) as err:
+        raise WorkerError(str(err)) from err
+    if not records:
+        raise WorkerError(f"the dataset at {config.dataset_uri} has no eval records: raise dataset.evalFraction")
+    records.sort(key=lambda record: record.key)  # deterministic subset when max_examples cuts
+    return records[: config.evaluation.max_examples] if config.evaluation.max_examples else records
+
+
+def prompt_id(messages: list[Message]) -> str:
+    return json.dumps([m.to_wire() for m in messages], sort_keys=True)
+
+
+def unique_prompts(records: list[DatasetRecord]) -> dict[str, Conversation]:
+    """Distinct prompts in first-seen order: with n > 1 the student answers each once."""
+    out: dict[str, Conversation] = {}
+    for record in records:
+        out.setdefault(prompt_id(record.prompt), [m.to_wire() for m in record.prompt])
+    return out
+
+
+def score_records(
+    config: EvaluateConfig, records: list[DatasetRecord], answers: dict[str, str]
+) -> list[dict[str, Any]]:
+    rows = []
+    for record in records:
+        student = answers[prompt_id(record.prompt)]
+        teacher = record.completion[0].content
+        rows.append(
+            {
+                "key": record.key,
+                "id": record.id,
+                "teacher": teacher,
+                "student": student,
+                "scores": metrics.score(config.evaluation.metrics, student, teacher),
+            }
+        )
+    return rows
+
+
+def summarise(config: EvaluateConfig, examples: list[dict[str, Any]]) -> dict[str, Any]:
+    means = metrics.mean_scores([e["scores"] for e in examples], config.evaluation.metrics)
+    return {
+        "teacherAgreement": means[config.evaluation.agreement_metric],
+        "metrics": {name: round(value, 6) for name, value in means.items()},
+    }
+
+
+def write_report(config: EvaluateConfig, report: dict[str, Any], uri: str) -> None:
+    try:
+        open_store(uri, config.storage).put_bytes(
+            uri, json.dumps(report, indent=1).encode(), content_type="application/json"
+        )
+    except StorageError as err:
+        raise WorkerError(f"cannot write the evaluation report: {err}") from err
+
+
+def resolve_model(config: EvaluateConfig) -> Path:
+    """A local directory holding the student (downloaded when it lives in S3)."""
+    if not is_s3(config.model_uri):
+        path = Path(config.model_uri.removeprefix("file://"))
+        if not path.is_dir():
+            raise WorkerError(f"student model directory {path} does not exist")
+        return path
+    dest = Path(config.work_dir) / "student"
+    try:
+        files = download_prefix(open_store(config.model_uri, config.storage), config.model_uri, dest)
+    except StorageError as err:
+        raise WorkerError(f"cannot download the student model: {err}") from err
+    if not files:
+        raise WorkerError(f"no student model at {config.model_uri}: did the train stage export it?")
+    return dest
+
+
+def generate_answers(config: EvaluateConfig, model_dir: Path, conversations: list[Conversation]) -> list[str]:
+    if config.engine == "vllm":
+        return generate_with_vllm(config, model_dir, conversations)
+    return generate_with_transformers(config, model_dir, conversations)
+
+
+def generate_with_vllm(config: EvaluateConfig, model_dir: Path, conversations: list[Conversation]) -> list[str]:
+    from vllm import LLM, SamplingParams
+
+    sampling = config.sampling
+    params = SamplingParams(
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        max_tokens=sampling.max_tokens,
+        seed=sampling.seed,
+    )
+    engine_args: dict[str, Any] = {"seed": sampling.seed or 0}
+    if config.max_model_len:
+        engine_args["max_model_len"] = config.max_model_len
+    lora_request = None
+    if config.base_model:
+        from vllm.lora.request import LoRARequest
+
+        engine_args |= {"enable_lora": True, "max_lora_rank": adapter_rank(model_dir)}
+        lora_request = LoRARequest("student", 1, str(model_dir))
+        llm = LLM(model=config.base_model, **engine_args)
+    else:
+        llm = LLM(model=str(model_dir), **engine_args)
+    outputs = llm.chat(conversations, params, lora_request=lora_request, use_tqdm=False)
+    return [output.outputs[0].text for output in outputs]
+
+
+def adapter_rank(model_dir: Path) -> int:
+    rank = int(json.loads((model_dir / "adapter_config.json").read_text()).get("r", 16))
+    # vLLM accepts only a fixed set of maximum ranks.
+    return next(size for size in (8, 16, 32, 64, 128, 256, 320, 512) if size >= rank)
+
+
+def generate_with_transformers(
+    config: EvaluateConfig, model_dir: Path, conversations: list[Conversation]
+) -> list[str]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if config.base_model:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(config.base_model), model_dir)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.eval()
+    if config.sampling.seed is not None:
+        torch.manual_seed(config.sampling.seed)
+    greedy = config.sampling.temperature == 0.0
+    answers = []
+    for conversation in conversations:
+        inputs = tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        with torch.no_grad():
+            output = model.generate(
+                **inputs,
+                max_new_tokens=config.sampling.max_tokens,
+                do_sample=not greedy,
+                temperature=None if greedy else config.sampling.temperature,
+                top_p=None if greedy else config.sampling.top_p,
+                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            )
+        answers.append(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+    return answers
