@@ -14,11 +14,13 @@ declared with ``cel(...)`` in ``json_schema_extra`` next to the pydantic check.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from kubedistill.api.base import ApiModel
+from kubedistill.api.conditions import ConditionStatus, JobPhase, ModelPhase, StagePhase
 
 GROUP = "kubedistill.io"
 VERSION = "v1alpha1"
@@ -29,6 +31,12 @@ QUANTITY_PATTERN = r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+|[numkMGTP
 S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$"
 HTTP_URL_PATTERN = r"^https?://[^\s]+$"
 DNS1123_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# Services need a DNS-1035 label (starts with a letter); children are named after their resource.
+DNS1035_LABEL_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+DNS1123_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# A sha256 content digest, hex, with or without the "sha256:" prefix.
+DIGEST_PATTERN = r"^(sha256:)?[a-f0-9]{64}$"
+RFC3339_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})$"
 
 
 def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, Any]:
@@ -67,9 +75,7 @@ class Toleration(ApiModel):
     """A pod toleration (core/v1 Toleration)."""
 
     key: str | None = Field(default=None, description="Taint key the toleration applies to; empty matches all keys.")
-    operator: Literal["Exists", "Equal"] | None = Field(
-        default=None, description="Exists or Equal (default Equal)."
-    )
+    operator: Literal["Exists", "Equal"] | None = Field(default=None, description="Exists or Equal (default Equal).")
     value: str | None = Field(default=None, description="Taint value the toleration matches (with Equal).")
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         default=None, description="Taint effect to match; empty matches all effects."
@@ -89,8 +95,10 @@ class EnvVar(ApiModel):
 class ComputeResources(ApiModel):
     """CPU and memory for one pod (requests = limits for memory)."""
 
-    cpu: str | None = Field(default=None, description="CPU request, e.g. \"8\" or \"500m\".", pattern=QUANTITY_PATTERN)
-    memory: str | None = Field(default=None, description="Memory request and limit, e.g. \"64Gi\".", pattern=QUANTITY_PATTERN)
+    cpu: str | None = Field(default=None, description='CPU request, e.g. "8" or "500m".', pattern=QUANTITY_PATTERN)
+    memory: str | None = Field(
+        default=None, description='Memory request and limit, e.g. "64Gi".', pattern=QUANTITY_PATTERN
+    )
 
 
 # --------------------------------------------------------------------------- teacher
@@ -137,6 +145,11 @@ class VLLMTeacher(ApiModel):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(default="auto", description="Weights dtype.")
 
 
+_ONE_TEACHER = (
+    "set exactly one of spec.teacher.endpoint (an OpenAI-compatible API) or spec.teacher.vllm (an in-cluster model)"
+)
+
+
 class TeacherSpec(ApiModel):
     """Who answers the prompts. Exactly one of endpoint or vllm."""
 
@@ -145,14 +158,16 @@ class TeacherSpec(ApiModel):
             "x-kubernetes-validations": [
                 cel(
                     "has(self.endpoint) != has(self.vllm)",
-                    "set exactly one of spec.teacher.endpoint (an OpenAI-compatible API) or spec.teacher.vllm (an in-cluster model)",
+                    _ONE_TEACHER,
                 )
             ]
         }
     }
 
     endpoint: EndpointTeacher | None = Field(default=None, description="An OpenAI-compatible API.")
-    vllm: VLLMTeacher | None = Field(default=None, description="An open-weight model run with vLLM in the generate pod.")
+    vllm: VLLMTeacher | None = Field(
+        default=None, description="An open-weight model run with vLLM in the generate pod."
+    )
     sampling: Sampling = Field(default_factory=Sampling, description="Sampling settings of the teacher.")
     system_prompt: str | None = Field(default=None, description="System prompt prepended to every prompt.")
     logprobs: int | None = Field(
@@ -162,9 +177,7 @@ class TeacherSpec(ApiModel):
     @model_validator(mode="after")
     def _exactly_one_teacher(self) -> TeacherSpec:
         if (self.endpoint is None) == (self.vllm is None):
-            raise ValueError(
-                "set exactly one of spec.teacher.endpoint (an OpenAI-compatible API) or spec.teacher.vllm (an in-cluster model)"
-            )
+            raise ValueError(_ONE_TEACHER)
         return self
 
     @property
@@ -205,7 +218,7 @@ class PromptsSource(ApiModel):
 class DatasetSpec(ApiModel):
     """The prompts the teacher answers, and how they are split for evaluation."""
 
-    prompts: PromptsSource = Field(description="JSONL prompts: {\"prompt\": str} or {\"messages\": [...]}, optional \"id\".")
+    prompts: PromptsSource = Field(description='JSONL prompts: {"prompt": str} or {"messages": [...]}, optional "id".')
     format: Literal["chat", "prompt"] = Field(
         default="chat", description="chat: records hold messages; prompt: records hold a prompt string."
     )
@@ -236,7 +249,7 @@ class LoraSpec(ApiModel):
     target_modules: list[str] = Field(
         default_factory=lambda: ["all-linear"],
         min_length=1,
-        description="Module names to adapt, or [\"all-linear\"].",
+        description='Module names to adapt, or ["all-linear"].',
     )
 
 
@@ -244,7 +257,9 @@ class TrainingSpec(ApiModel):
     """Training hyper-parameters (trl SFTConfig)."""
 
     epochs: float = Field(default=3.0, gt=0, le=1000, description="Passes over the training set.")
-    max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
+    max_steps: int | None = Field(
+        default=None, ge=1, description="Stop after this many optimizer steps (overrides epochs)."
+    )
     learning_rate: float = Field(default=2e-4, gt=0, lt=1, description="Peak learning rate.")
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
         default="cosine", description="Learning-rate schedule."
@@ -263,7 +278,9 @@ class TrainingSpec(ApiModel):
     )
     gradient_checkpointing: bool = Field(default=False, description="Trade compute for memory.")
     seed: int = Field(default=42, description="Seed for data order and initialisation.")
-    checkpoint_every_steps: int = Field(default=200, ge=1, description="Save a checkpoint to the output URI every N steps.")
+    checkpoint_every_steps: int = Field(
+        default=200, ge=1, description="Save a checkpoint to the output URI every N steps."
+    )
 
 
 class StudentSpec(ApiModel):
@@ -304,7 +321,7 @@ class EvaluationSpec(ApiModel):
     }
 
     metrics: list[Metric] = Field(
-        default_factory=lambda: ["exactMatch", "tokenF1", "rougeL"],
+        default_factory=lambda: list[Metric](["exactMatch", "tokenF1", "rougeL"]),
         min_length=1,
         description="Metrics computed between student and teacher answers.",
     )
@@ -350,7 +367,9 @@ class AutoscalingSpec(ApiModel):
 
     min_replicas: int = Field(default=1, ge=1, le=1000, description="Fewest replicas.")
     max_replicas: int = Field(default=4, ge=1, le=1000, description="Most replicas.")
-    target_cpu_utilization: int = Field(default=70, ge=1, le=100, description="Average CPU utilisation target, percent.")
+    target_cpu_utilization: int = Field(
+        default=70, ge=1, le=100, description="Average CPU utilisation target, percent."
+    )
 
     @model_validator(mode="after")
     def _min_le_max(self) -> AutoscalingSpec:
@@ -365,8 +384,12 @@ class ServingSpec(ApiModel):
     replicas: int = Field(default=1, ge=0, le=1000, description="vLLM replicas (ignored when autoscaling is set).")
     autoscaling: AutoscalingSpec | None = Field(default=None, description="Autoscale replicas with an HPA.")
     gpus: int = Field(default=1, ge=0, le=16, description="GPUs per replica (0 serves on CPU).")
-    node_selector: dict[str, str] | None = Field(default=None, description="Node selector; the operator's GPU pool default when unset.")
-    tolerations: list[Toleration] | None = Field(default=None, description="Tolerations; the operator's GPU default when unset.")
+    node_selector: dict[str, str] | None = Field(
+        default=None, description="Node selector; the operator's GPU pool default when unset."
+    )
+    tolerations: list[Toleration] | None = Field(
+        default=None, description="Tolerations; the operator's GPU default when unset."
+    )
     resources: ComputeResources | None = Field(default=None, description="CPU and memory per replica.")
     vllm: VLLMServingSpec = Field(default_factory=VLLMServingSpec, description="vLLM settings.")
 
@@ -378,7 +401,11 @@ class ModelOutputSpec(ApiModel):
     """The DistilledModel a successful run publishes."""
 
     name: str = Field(
-        min_length=1, max_length=53, pattern=DNS1123_LABEL_PATTERN, description="Name of the DistilledModel to create or update."
+        min_length=1,
+        max_length=53,
+        pattern=DNS1035_LABEL_PATTERN,
+        description="Name of the DistilledModel to create or update: lowercase letters, digits and '-', "
+        "starting with a letter (it also names the model's Service).",
     )
     serve: bool = Field(default=True, description="Create/update the DistilledModel (and so serve it) on success.")
     serving: ServingSpec | None = Field(default=None, description="Serving settings copied into the DistilledModel.")
@@ -417,12 +444,16 @@ class ResourcesSpec(ApiModel):
         default=None, description="Tolerations of GPU stages; default: nvidia.com/gpu NoSchedule."
     )
     gpus_per_node: int | None = Field(default=None, ge=0, le=16, description="GPUs per training pod (default 8).")
-    nodes: int = Field(default=1, ge=1, le=1024, description="Training pods; above 1 runs an Indexed Job with torchrun rendezvous.")
+    nodes: int = Field(
+        default=1, ge=1, le=1024, description="Training pods; above 1 runs an Indexed Job with torchrun rendezvous."
+    )
     priority_class_name: str | None = Field(default=None, description="PriorityClass of the stage pods.")
     queue_name: str | None = Field(default=None, description="Kueue LocalQueue (kueue.x-k8s.io/queue-name label).")
     cpu: str | None = Field(default=None, pattern=QUANTITY_PATTERN, description="CPU request per training pod.")
     memory: str | None = Field(default=None, pattern=QUANTITY_PATTERN, description="Memory per training pod.")
-    shm_size: str | None = Field(default=None, pattern=QUANTITY_PATTERN, description="Size of the memory-backed /dev/shm.")
+    shm_size: str | None = Field(
+        default=None, pattern=QUANTITY_PATTERN, description="Size of the memory-backed /dev/shm."
+    )
 
 
 # --------------------------------------------------------------------------- DistillationJob
@@ -435,6 +466,303 @@ class DistillationJobSpec(ApiModel):
     dataset: DatasetSpec = Field(description="The prompts, and the held-out split.")
     student: StudentSpec = Field(description="The small model to train.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Placement and size of the stage pods.")
-    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Student vs teacher comparison and the gate.")
+    evaluation: EvaluationSpec = Field(
+        default_factory=EvaluationSpec, description="Student vs teacher comparison and the gate."
+    )
     output: OutputSpec = Field(description="Artifact location and the model to publish.")
     storage: StorageSpec = Field(default_factory=StorageSpec, description="The object store of s3:// URIs.")
+
+
+# --------------------------------------------------------------------------- shared status and objects
+
+
+class Condition(ApiModel):
+    """One observation of the resource's state (the metav1.Condition shape)."""
+
+    model_config = ApiModel.model_config | {"extra": "ignore"}
+
+    type: str = Field(
+        min_length=1,
+        max_length=316,
+        pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$",
+        description="Condition type in CamelCase, e.g. Ready, Generated, Failed.",
+    )
+    status: ConditionStatus = Field(description="True, False or Unknown.")
+    reason: str = Field(
+        min_length=1,
+        max_length=1024,
+        pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$",
+        description="Machine-readable CamelCase reason of the last transition, e.g. StageFailed.",
+    )
+    message: str = Field(
+        default="", max_length=32768, description="Human-readable details; says what to fix on failure."
+    )
+    last_transition_time: str = Field(pattern=RFC3339_PATTERN, description="When status last changed (RFC 3339).")
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="metadata.generation the condition was computed from."
+    )
+
+
+class ObjectMeta(ApiModel):
+    """The few metadata fields the operator reads; everything else is kept as is."""
+
+    model_config = ApiModel.model_config | {"extra": "allow"}
+
+    name: str | None = Field(default=None, description="Name of the resource.")
+    namespace: str | None = Field(default=None, description="Namespace of the resource.")
+    uid: str | None = Field(default=None, description="UID assigned by the API server.")
+    generation: int | None = Field(default=None, description="Spec generation, incremented on each spec change.")
+    resource_version: str | None = Field(default=None, description="Opaque version for optimistic concurrency.")
+    labels: dict[str, str] | None = Field(default=None, description="Labels.")
+    annotations: dict[str, str] | None = Field(default=None, description="Annotations.")
+
+
+class ModelArtifact(ApiModel):
+    """An exported model on object storage."""
+
+    uri: str = Field(
+        pattern=S3_URI_PATTERN,
+        max_length=2048,
+        description="s3:// prefix holding the model (safetensors, tokenizer, chat template) or LoRA adapter.",
+    )
+    digest: str | None = Field(
+        default=None,
+        pattern=DIGEST_PATTERN,
+        description="sha256 of the exported files; when set, the serving pod refuses a model with another digest.",
+    )
+
+
+# --------------------------------------------------------------------------- DistillationJob status
+
+
+class StageStatus(ApiModel):
+    """One stage of the run (generate, train or evaluate) and its Kubernetes Job."""
+
+    model_config = ApiModel.model_config | {"extra": "ignore"}
+
+    job: str | None = Field(default=None, description="Name of the stage's Job.")
+    phase: StagePhase = Field(default=StagePhase.PENDING, description="Pending, Running, Succeeded, Failed or Skipped.")
+    start_time: str | None = Field(
+        default=None, pattern=RFC3339_PATTERN, description="When the stage started (RFC 3339)."
+    )
+    completion_time: str | None = Field(
+        default=None, pattern=RFC3339_PATTERN, description="When the stage finished (RFC 3339)."
+    )
+    progress: float | None = Field(default=None, ge=0.0, le=1.0, description="Fraction done, 0 to 1, where known.")
+    message: str | None = Field(default=None, description="Last word from the stage, e.g. the worker's failure reason.")
+
+
+class StagesStatus(ApiModel):
+    """Per-stage status of the current run."""
+
+    model_config = ApiModel.model_config | {"extra": "ignore"}
+
+    generate: StageStatus | None = Field(default=None, description="Teacher data generation.")
+    train: StageStatus | None = Field(default=None, description="Student training.")
+    evaluate: StageStatus | None = Field(default=None, description="Student vs teacher evaluation.")
+
+
+class DatasetStatus(ApiModel):
+    """The teacher dataset of the current run."""
+
+    model_config = ApiModel.model_config | {"extra": "ignore"}
+
+    uri: str | None = Field(default=None, description="s3:// prefix of the dataset (manifest.json inside).")
+    examples: int | None = Field(default=None, ge=0, description="Training + evaluation examples.")
+    train_examples: int | None = Field(default=None, ge=0, description="Training examples.")
+    eval_examples: int | None = Field(default=None, ge=0, description="Held-out evaluation examples.")
+    digest: str | None = Field(default=None, description="Digest of the dataset's content (its manifest digest).")
+
+
+class EvaluationStatus(ApiModel):
+    """The student's evaluation against the teacher."""
+
+    model_config = ApiModel.model_config | {"extra": "ignore"}
+
+    teacher_agreement: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="Mean of the agreement metric over held-out prompts (0 to 1)."
+    )
+    metrics: dict[str, float] | None = Field(default=None, description="Every metric computed, by name.")
+    passed: bool | None = Field(default=None, description="Whether teacherAgreement reached minTeacherAgreement.")
+    examples: int | None = Field(default=None, ge=0, description="Held-out prompts evaluated.")
+    report_uri: str | None = Field(default=None, description="s3:// URI of the full evaluation report.")
+
+
+class DistillationJobStatus(ApiModel):
+    """What the operator observed; written only by the operator."""
+
+    model_config = ApiModel.model_config | {"extra": "ignore"}
+
+    phase: JobPhase | None = Field(
+        default=None,
+        description="Pending, Generating, Training, Evaluating, Publishing, Succeeded or Failed.",
+    )
+    observed_generation: int | None = Field(default=None, ge=0, description="metadata.generation last acted on.")
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Generated, Trained, Evaluated, Published, Succeeded and Failed.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    spec_hash: str | None = Field(default=None, description="Hash of the spec the current run executes.")
+    run_id: str | None = Field(
+        default=None, description="Identifier of the current run; a spec change starts a new run."
+    )
+    start_time: str | None = Field(default=None, pattern=RFC3339_PATTERN, description="When the current run started.")
+    completion_time: str | None = Field(
+        default=None, pattern=RFC3339_PATTERN, description="When the current run succeeded or failed."
+    )
+    teacher: str | None = Field(default=None, description="The teacher model, for display.")
+    student: str | None = Field(default=None, description="The student base model, for display.")
+    stages: StagesStatus | None = Field(default=None, description="Per-stage status and Job names.")
+    dataset: DatasetStatus | None = Field(default=None, description="The teacher dataset.")
+    model: ModelArtifact | None = Field(default=None, description="The trained, exported student model.")
+    evaluation: EvaluationStatus | None = Field(default=None, description="Evaluation results and gate decision.")
+    distilled_model: str | None = Field(default=None, description="Name of the DistilledModel published by this job.")
+
+
+JOB_NAME_MAX_LENGTH = 50
+MODEL_NAME_MAX_LENGTH = 53
+
+
+def _name_rule(kind: str, max_length: int, purpose: str) -> dict[str, Any]:
+    # CEL on the root: metadata is otherwise outside what a CRD schema may constrain.
+    return cel(
+        f"!has(self.metadata.name) || (self.metadata.name.size() <= {max_length} && "
+        f"self.metadata.name.matches('{DNS1035_LABEL_PATTERN}'))",
+        f"metadata.name of a {kind} must be at most {max_length} characters of lowercase letters, digits and '-', "
+        f"starting with a letter ({purpose})",
+    )
+
+
+_JOB_NAME_RULE = _name_rule("DistillationJob", JOB_NAME_MAX_LENGTH, "it names the stage Jobs and Services")
+_MODEL_NAME_RULE = _name_rule("DistilledModel", MODEL_NAME_MAX_LENGTH, "it names the model's Service")
+
+
+def _check_name(metadata: ObjectMeta, max_length: int, kind: str) -> None:
+    name = metadata.name
+    if name is None:
+        return
+    if len(name) > max_length or not re.match(DNS1035_LABEL_PATTERN, name):
+        raise ValueError(
+            f"metadata.name of a {kind} must be at most {max_length} characters of lowercase letters, "
+            "digits and '-', starting with a letter"
+        )
+
+
+class DistillationJob(ApiModel):
+    """Distil a large teacher model into a small student: Generate, Train, Evaluate, Publish."""
+
+    model_config = ApiModel.model_config | {"json_schema_extra": {"x-kubernetes-validations": [_JOB_NAME_RULE]}}
+
+    api_version: Literal["kubedistill.io/v1alpha1"] = Field(
+        default="kubedistill.io/v1alpha1", description="kubedistill.io/v1alpha1."
+    )
+    kind: Literal["DistillationJob"] = Field(default="DistillationJob", description="DistillationJob.")
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta, description="Standard object metadata.")
+    spec: DistillationJobSpec = Field(description="What to distil, how, and where the result goes.")
+    status: DistillationJobStatus | None = Field(default=None, description="Observed state, written by the operator.")
+
+    @model_validator(mode="after")
+    def _valid_name(self) -> DistillationJob:
+        _check_name(self.metadata, JOB_NAME_MAX_LENGTH, "DistillationJob")
+        return self
+
+
+# --------------------------------------------------------------------------- DistilledModel
+
+
+class JobReference(ApiModel):
+    """A DistillationJob in the same namespace."""
+
+    name: str = Field(
+        min_length=1, max_length=253, pattern=DNS1123_SUBDOMAIN_PATTERN, description="Name of the DistillationJob."
+    )
+
+
+class DistilledModelSpec(ApiModel):
+    """A model served with vLLM: an exported model URI, or the output of a DistillationJob."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                cel(
+                    "has(self.model) != has(self.fromJob)",
+                    "set exactly one of spec.model (an s3:// model URI) or spec.fromJob (a DistillationJob's output)",
+                )
+            ]
+        }
+    }
+
+    model: ModelArtifact | None = Field(default=None, description="The exported model to serve.")
+    from_job: JobReference | None = Field(
+        default=None, description="Serve the model of this DistillationJob's latest successful run."
+    )
+    base_model: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=2048,
+        description="Base model the artifact is a LoRA adapter of (s3:// prefix, pvc:// path or hub id); "
+        "unset when the artifact holds merged weights.",
+    )
+    serving: ServingSpec = Field(default_factory=ServingSpec, description="Replicas, placement and vLLM settings.")
+    served_model_name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="Model name clients send in requests; metadata.name when unset.",
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> DistilledModelSpec:
+        if (self.model is None) == (self.from_job is None):
+            raise ValueError(
+                "set exactly one of spec.model (an s3:// model URI) or spec.fromJob (a DistillationJob's output)"
+            )
+        return self
+
+
+class DistilledModelStatus(ApiModel):
+    """What the operator observed of the served model."""
+
+    model_config = ApiModel.model_config | {"extra": "ignore"}
+
+    phase: ModelPhase | None = Field(
+        default=None, description="Pending, Deploying, Ready, Degraded, Stopped or Failed."
+    )
+    observed_generation: int | None = Field(default=None, ge=0, description="metadata.generation last acted on.")
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Ready, Progressing and Degraded.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    endpoint: str | None = Field(
+        default=None, description="OpenAI-compatible base URL inside the cluster, e.g. http://<name>.<ns>.svc:8000/v1."
+    )
+    served_model_name: str | None = Field(default=None, description="Model name to send in requests.")
+    replicas: int | None = Field(default=None, ge=0, description="Pods of the vLLM Deployment (scale subresource).")
+    ready_replicas: int | None = Field(default=None, ge=0, description="Pods ready to answer.")
+    selector: str | None = Field(
+        default=None, description="Label selector of the serving pods, as a string (scale subresource, HPA)."
+    )
+    current_model: ModelArtifact | None = Field(default=None, description="The model the ready pods serve.")
+
+
+class DistilledModel(ApiModel):
+    """A distilled model served with vLLM behind an OpenAI-compatible Service."""
+
+    model_config = ApiModel.model_config | {"json_schema_extra": {"x-kubernetes-validations": [_MODEL_NAME_RULE]}}
+
+    api_version: Literal["kubedistill.io/v1alpha1"] = Field(
+        default="kubedistill.io/v1alpha1", description="kubedistill.io/v1alpha1."
+    )
+    kind: Literal["DistilledModel"] = Field(default="DistilledModel", description="DistilledModel.")
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta, description="Standard object metadata.")
+    spec: DistilledModelSpec = Field(description="The model to serve and how.")
+    status: DistilledModelStatus | None = Field(default=None, description="Observed state, written by the operator.")
+
+    @model_validator(mode="after")
+    def _valid_name(self) -> DistilledModel:
+        _check_name(self.metadata, MODEL_NAME_MAX_LENGTH, "DistilledModel")
+        return self

@@ -1,0 +1,197 @@
+"""Phases, condition types and reasons of the kubedistill.io API.
+
+Every string the operator writes into ``status.phase``, ``status.conditions[].type``
+or ``status.conditions[].reason`` is a constant here, so that the operator,
+tests, health checks (Argo CD) and docs agree on one spelling.
+
+DistillationJob conditions
+    One condition per stage, ``True`` once the stage's output exists:
+
+    ========== ============================================ ==========================
+    type       True when                                    False reasons
+    ========== ============================================ ==========================
+    Generated  the teacher dataset is complete (or reused)  StagePending, StageRunning,
+                                                            StageFailed, Preempted
+    Trained    the student is trained and exported          (same)
+    Evaluated  the student was compared with the teacher    (same), QualityGateFailed
+    Published  the DistilledModel was created or updated    Pending, PublishDisabled,
+                                                            ModelConflict
+    Succeeded  the whole run finished                       the failed stage's reason
+    Failed     the run stopped and will not retry           (never False; absent or
+                                                            False while healthy)
+    ========== ============================================ ==========================
+
+    ``Failed=True`` carries the reason that says what to fix: InvalidSpec,
+    StageFailed, QualityGateFailed, ModelConflict. Editing the spec starts a new
+    run (reason SpecChanged on the stage conditions that reset).
+
+DistilledModel conditions
+    Ready (the endpoint answers: every desired replica is available),
+    Progressing (a rollout is under way), Degraded (fewer available replicas
+    than desired, or the source cannot be resolved).
+
+Conditions follow metav1.Condition: ``lastTransitionTime`` changes only when
+``status`` flips (see :func:`set_condition`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from kubedistill.api.v1alpha1 import Condition
+
+
+class JobPhase(StrEnum):
+    """``DistillationJob.status.phase``: where the run stands, one word."""
+
+    PENDING = "Pending"
+    GENERATING = "Generating"
+    TRAINING = "Training"
+    EVALUATING = "Evaluating"
+    PUBLISHING = "Publishing"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+    @property
+    def terminal(self) -> bool:
+        """True for phases a run does not leave unless its spec changes."""
+        return self in (JobPhase.SUCCEEDED, JobPhase.FAILED)
+
+
+class ModelPhase(StrEnum):
+    """``DistilledModel.status.phase``."""
+
+    PENDING = "Pending"  # source not resolved yet (fromJob not succeeded), nothing deployed
+    DEPLOYING = "Deploying"  # Deployment rolling out, not every replica available
+    READY = "Ready"  # every desired replica available
+    DEGRADED = "Degraded"  # was ready, fewer replicas available now
+    STOPPED = "Stopped"  # scaled to zero replicas on purpose
+    FAILED = "Failed"  # cannot be served as specified (invalid spec, source job failed)
+
+
+class StagePhase(StrEnum):
+    """``DistillationJob.status.stages.<stage>.phase``."""
+
+    PENDING = "Pending"  # not started, or its Job waits for pods (GPUs, Kueue admission)
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SKIPPED = "Skipped"  # not needed in this run
+
+
+class ConditionStatus(StrEnum):
+    """metav1.ConditionStatus."""
+
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+# --------------------------------------------------------------------------- condition types
+
+# DistillationJob
+GENERATED: Final = "Generated"
+TRAINED: Final = "Trained"
+EVALUATED: Final = "Evaluated"
+PUBLISHED: Final = "Published"
+SUCCEEDED: Final = "Succeeded"
+FAILED: Final = "Failed"
+
+# DistilledModel
+READY: Final = "Ready"
+PROGRESSING: Final = "Progressing"
+DEGRADED: Final = "Degraded"
+
+JOB_CONDITION_TYPES: Final = (GENERATED, TRAINED, EVALUATED, PUBLISHED, SUCCEEDED, FAILED)
+MODEL_CONDITION_TYPES: Final = (READY, PROGRESSING, DEGRADED)
+
+# The stage condition each worker stage sets when it succeeds.
+STAGE_CONDITIONS: Final = {"generate": GENERATED, "train": TRAINED, "evaluate": EVALUATED}
+
+
+# --------------------------------------------------------------------------- reasons
+# CamelCase, as metav1.Condition.reason requires.
+
+
+class Reason:
+    """Condition reasons. ``message`` says the details; the reason is for machines."""
+
+    # the spec
+    INVALID_SPEC: Final = "InvalidSpec"  # refused by the operator's checks: the message says what to fix
+    SPEC_CHANGED: Final = "SpecChanged"  # a spec edit started a new run
+
+    # a stage
+    STAGE_PENDING: Final = "StagePending"  # not started, or its pods are not running yet
+    STAGE_RUNNING: Final = "StageRunning"
+    STAGE_SUCCEEDED: Final = "StageSucceeded"
+    STAGE_FAILED: Final = "StageFailed"  # the Job failed; the message holds the worker's termination message
+    ARTIFACT_REUSED: Final = "ArtifactReused"  # the stage's output exists from an earlier run with the same inputs
+    PREEMPTED: Final = "Preempted"  # pods were evicted or preempted; the stage resumes from its checkpoint
+
+    # evaluation gate
+    QUALITY_GATE_PASSED: Final = "QualityGatePassed"
+    QUALITY_GATE_FAILED: Final = "QualityGateFailed"  # teacherAgreement < minTeacherAgreement
+
+    # publication
+    MODEL_PUBLISHED: Final = "ModelPublished"
+    PUBLISH_DISABLED: Final = "PublishDisabled"  # spec.output.model.serve is false
+    MODEL_CONFLICT: Final = "ModelConflict"  # the DistilledModel exists and belongs to someone else
+
+    # the whole run
+    RUN_SUCCEEDED: Final = "RunSucceeded"
+    RUN_FAILED: Final = "RunFailed"
+
+    # DistilledModel
+    SOURCE_PENDING: Final = "SourcePending"  # fromJob has not succeeded yet
+    SOURCE_NOT_FOUND: Final = "SourceNotFound"  # fromJob names no DistillationJob
+    SOURCE_FAILED: Final = "SourceFailed"  # fromJob failed
+    ROLLING_OUT: Final = "RollingOut"
+    ROLLOUT_COMPLETE: Final = "RolloutComplete"
+    REPLICAS_AVAILABLE: Final = "ReplicasAvailable"
+    REPLICAS_UNAVAILABLE: Final = "ReplicasUnavailable"
+    SCALED_TO_ZERO: Final = "ScaledToZero"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def now_rfc3339() -> str:
+    """The current time as metav1.Time writes it (UTC, whole seconds)."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def get_condition(conditions: Iterable[Condition], type_: str) -> Condition | None:
+    """The condition of this type, or None."""
+    return next((c for c in conditions if c.type == type_), None)
+
+
+def is_true(conditions: Iterable[Condition], type_: str) -> bool:
+    """True when the condition exists with status True."""
+    condition = get_condition(conditions, type_)
+    return condition is not None and condition.status == ConditionStatus.TRUE
+
+
+def set_condition(conditions: list[Condition], new: Condition) -> list[Condition]:
+    """A new list with ``new`` in place of the condition of its type.
+
+    ``lastTransitionTime`` is kept from the old condition unless ``status``
+    flips, so that writing the same condition twice changes nothing. Order is
+    kept; a new type is appended.
+    """
+    result: list[Condition] = []
+    replaced = False
+    for old in conditions:
+        if old.type != new.type:
+            result.append(old)
+            continue
+        replaced = True
+        if old.status == new.status:
+            new = new.model_copy(update={"last_transition_time": old.last_transition_time})
+        result.append(new)
+    if not replaced:
+        result.append(new)
+    return result
