@@ -135,14 +135,35 @@ class EndpointTeacher(ApiModel):
     max_retries: int = Field(default=6, ge=0, le=100, description="Retries of one request before it counts as failed.")
 
 
+_TP_WITHIN_GPUS = "teacher.vllm.tensorParallelSize must not exceed teacher.vllm.gpus (and must be 1 when gpus is 0)"
+
+
 class VLLMTeacher(ApiModel):
     """An open-weight teacher run inside the generate pod with vLLM offline batch inference."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.tensorParallelSize) || self.tensorParallelSize <= "
+                    "(has(self.gpus) ? (self.gpus == 0 ? 1 : self.gpus) : 1)",
+                    _TP_WITHIN_GPUS,
+                )
+            ]
+        }
+    }
 
     model: str = Field(min_length=1, description="Model to load: an s3:// prefix, a local path, or a hub id.")
     tensor_parallel_size: int = Field(default=1, ge=1, le=64, description="Tensor parallel degree.")
     gpus: int = Field(default=1, ge=0, le=64, description="GPUs for the generate pod (0 runs on CPU).")
     max_model_len: int | None = Field(default=None, ge=16, description="Context length vLLM allocates for.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(default="auto", description="Weights dtype.")
+
+    @model_validator(mode="after")
+    def _tp_within_gpus(self) -> VLLMTeacher:
+        if self.tensor_parallel_size > max(self.gpus, 1):
+            raise ValueError(_TP_WITHIN_GPUS)
+        return self
 
 
 _ONE_TEACHER = (
@@ -283,8 +304,19 @@ class TrainingSpec(ApiModel):
     )
 
 
+_ADAPTER_NEEDS_LORA = "student.export adapter needs student.method lora (full fine-tuning has no adapter)"
+
+
 class StudentSpec(ApiModel):
     """The small pre-trained model to fine-tune on the teacher's answers."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                cel("!has(self.export) || self.export != 'adapter' || self.method == 'lora'", _ADAPTER_NEEDS_LORA)
+            ]
+        }
+    }
 
     model: str = Field(
         min_length=1,
@@ -299,6 +331,12 @@ class StudentSpec(ApiModel):
     export: Literal["merged", "adapter"] = Field(
         default="merged", description="merged: full safetensors vLLM serves as is; adapter: the LoRA adapter only."
     )
+
+    @model_validator(mode="after")
+    def _adapter_needs_lora(self) -> StudentSpec:
+        if self.export == "adapter" and self.method != "lora":
+            raise ValueError(_ADAPTER_NEEDS_LORA)
+        return self
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -323,6 +361,7 @@ class EvaluationSpec(ApiModel):
     metrics: list[Metric] = Field(
         default_factory=lambda: list[Metric](["exactMatch", "tokenF1", "rougeL"]),
         min_length=1,
+        max_length=8,
         description="Metrics computed between student and teacher answers.",
     )
     agreement_metric: Metric = Field(

@@ -1,0 +1,119 @@
+"""kubedistill: the command line of the project.
+
+    kubedistill crds                    # regenerate crds/ and charts/kubedistill/crds/ from the API models
+    kubedistill crds --check            # exit 1 when the committed CRDs drift from the models
+    kubedistill crds --stdout | kubectl apply -f -
+    kubedistill version
+
+Each subcommand is one ``Command`` in ``COMMANDS``: a name, a help line, a
+function that adds its arguments and a function that runs it and returns the
+exit code. Subcommands import what they need inside ``run`` (kopf, torch...),
+so ``kubedistill --help`` stays fast and light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _no_arguments(parser: argparse.ArgumentParser) -> None:
+    """For subcommands without arguments."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """One ``kubedistill <name>`` subcommand."""
+
+    name: str
+    help: str
+    run: Callable[[argparse.Namespace], int]
+    arguments: Callable[[argparse.ArgumentParser], None] = field(default=_no_arguments)
+
+
+# --------------------------------------------------------------------------- crds
+
+CRDS_DIR = Path("crds")
+CHART_CRDS_DIR = Path("charts/kubedistill/crds")
+
+
+def _crds_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--out",
+        type=Path,
+        action="append",
+        help=f"directory to write into (repeatable; default: {CRDS_DIR} and {CHART_CRDS_DIR}, relative to the "
+        "current directory, which hack/gen-crds sets to the repository root)",
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--stdout", action="store_true", help="print every CRD as one YAML stream instead")
+    mode.add_argument("--check", action="store_true", help="write nothing; exit 1 when a file differs")
+
+
+def _run_crds(args: argparse.Namespace) -> int:
+    from kubedistill.api import crdgen
+
+    rendered = crdgen.render_all()
+    if args.stdout:
+        sys.stdout.write("---\n".join(rendered.values()))
+        return 0
+    directories: list[Path] = args.out or [CRDS_DIR, CHART_CRDS_DIR]
+    stale = [d / name for d in directories for name, text in rendered.items() if _read(d / name) != text]
+    if args.check:
+        for path in stale:
+            print(f"{path}: differs from the API models; run hack/gen-crds", file=sys.stderr)
+        return 1 if stale else 0
+    for path in stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(rendered[path.name])
+        print(f"wrote {path}")
+    return 0
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
+
+
+# --------------------------------------------------------------------------- version
+
+
+def _run_version(args: argparse.Namespace) -> int:
+    from kubedistill import __version__
+    from kubedistill.api.v1alpha1 import API_VERSION
+
+    print(f"kubedistill {__version__} (API {API_VERSION})")
+    return 0
+
+
+# --------------------------------------------------------------------------- table and entry point
+
+COMMANDS: list[Command] = [
+    Command("crds", "generate the CustomResourceDefinitions from the API models", _run_crds, _crds_arguments),
+    Command("version", "print the version", _run_version),
+]
+
+
+def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kubedistill", description="Distill large language models on Kubernetes.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in commands:
+        sub = subparsers.add_parser(command.name, help=command.help, description=command.help)
+        command.arguments(sub)
+        sub.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.run(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
