@@ -5,6 +5,7 @@ Layout under a dataset prefix (``<output.uri>/datasets/<datasetKey>/``)::
     manifest.json                  DatasetManifest, written last: its presence means "complete"
     shards/train-00000.jsonl       DatasetRecord lines, split "train"
     shards/eval-00000.jsonl        DatasetRecord lines, split "eval"
+    failures.jsonl                 optional: FailureRecord lines (rejected lines, failed prompts)
 
 Records use trl's conversational prompt-completion format (``prompt`` is a list
 of messages ending with the user turn, ``completion`` the assistant turn), so
@@ -13,6 +14,8 @@ trl trains on the completion only without any custom collator.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import Field
@@ -21,6 +24,7 @@ from kubedistill.api.base import ApiModel
 
 MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
+FAILURES_NAME = "failures.jsonl"
 DATASET_FORMAT_VERSION = 1
 
 Split = Literal["train", "eval"]
@@ -87,6 +91,21 @@ class DatasetCounts(ApiModel):
     failed: int = 0
     reused: int = Field(default=0, description="Answers taken from the store instead of asking the teacher.")
     requested: int = Field(default=0, description="Answers the teacher was asked for in this run.")
+    duplicates: int = Field(default=0, description="Input prompts identical to an earlier one (asked once).")
+
+
+FailureKind = Literal["malformed", "too_long", "failed"]
+
+
+class FailureRecord(ApiModel):
+    """One line of failures.jsonl: an input line not used, or a prompt the teacher never answered."""
+
+    kind: FailureKind
+    source: str = Field(description="URI of the prompts file.")
+    line: int = Field(description="1-based line number in that file.")
+    id: str | None = None
+    key: str | None = Field(default=None, description="Answer key, for prompts that reached the teacher.")
+    reason: str
 
 
 class DatasetManifest(ApiModel):
@@ -100,3 +119,9 @@ class DatasetManifest(ApiModel):
     usage: Usage = Field(default_factory=Usage)
     digest: str = Field(description="sha256 over the shard digests, in order: identifies the dataset's content.")
     created_at: str
+    failures: str | None = Field(default=None, description="failures.jsonl, relative to the dataset prefix, when any.")
+
+
+def dataset_digest(shards: Sequence[ShardInfo]) -> str:
+    """The manifest digest: sha256 over the concatenated hex digests of the shards, in manifest order."""
+    return hashlib.sha256("".join(shard.sha256 for shard in shards).encode()).hexdigest()

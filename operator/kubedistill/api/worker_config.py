@@ -53,6 +53,23 @@ class GenerateConfig(ApiModel):
     )
     api_key_env: str = Field(default=TEACHER_API_KEY_ENV, description="Environment variable holding the teacher API key.")
     storage: StorageSettings = Field(default_factory=StorageSettings)
+    work_dir: str = Field(default="/tmp/kubedistill", description="Local scratch directory (prompts, shards, teacher model).")
+    flush_every: int = Field(
+        default=500, ge=1, description="Write buffered answers to the answer store once this many are waiting."
+    )
+    flush_seconds: float = Field(
+        default=5.0, gt=0, description="... or once the oldest waiting answer is this old: what a SIGKILL can lose."
+    )
+    shard_records: int = Field(default=10000, ge=1, description="Most records per dataset shard.")
+    progress_seconds: float = Field(default=30.0, gt=0, description="Interval of progress log lines (no terminal).")
+    backoff_initial_seconds: float = Field(default=1.0, gt=0, description="First retry backoff (doubles, full jitter).")
+    backoff_max_seconds: float = Field(default=60.0, gt=0, description="Longest retry backoff (Retry-After may ask more).")
+    drain_seconds: float = Field(
+        default=10.0, ge=0, description="On SIGTERM, how long requests in flight may finish before the worker exits."
+    )
+    offline_batch_size: int = Field(
+        default=256, ge=1, description="vLLM teacher: prompts per generate call (answers are stored after each)."
+    )
 
 
 class TrainConfig(ApiModel):
@@ -108,6 +125,7 @@ class GenerateResult(ApiModel):
     malformed: int = 0
     too_long: int = 0
     requested: int = Field(default=0, description="Teacher requests made by this run (0 when everything was stored).")
+    reused: int = Field(default=0, description="Answers taken from the answer store instead of asking the teacher.")
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
