@@ -1,0 +1,582 @@
+"""generate: prompts -> teacher answers -> dataset shards + manifest, never paying twice.
+
+    kubedistill-worker generate --config /etc/kubedistill/generate.yaml
+
+    # a config for an OpenAI-compatible teacher (the key comes from the environment):
+    #   prompts: s3://data/prompts.jsonl
+    #   outputUri: s3://data/runs/r1/datasets/abc
+    #   answerStoreUri: s3://data/runs/answers
+    #   teacher:
+    #     endpoint: {baseURL: https://api.openai.com/v1, model: gpt-4.1, requestsPerMinute: 500}
+    #     sampling: {temperature: 0, maxTokens: 512}
+    KUBEDISTILL_TEACHER_API_KEY=sk-... kubedistill-worker generate --config generate.yaml
+
+The stage makes three streaming passes over the prompt set (so millions of
+prompts never sit in memory at once):
+
+1. plan: parse and validate every line, dedupe, split train/eval by content
+   hash, and look each answer key up in the answer store (loaded first);
+2. ask: the prompts with missing answers go through a bounded queue to a fixed
+   pool of ``maxConcurrency`` tasks (an endpoint teacher) or to vLLM in batches
+   (an in-pod teacher); every answer lands in the answer store within
+   ``flushSeconds``, so a killed run resumes without asking again;
+3. write: shards, failures.jsonl, then manifest.json, in input order, so the
+   same inputs and answers always give the same dataset digest.
+
+Bad lines and over-long prompts are reported, never fatal. The stage fails
+only when more than ``maxFailureFraction`` of the prompts got no answer; the
+one-line reason goes to /dev/termination-log. On SIGTERM, requests in flight
+get ``drainSeconds`` to finish, stored answers are flushed, and the worker
+exits as preempted: a restart resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubedistill.api.dataset import (
+    DatasetCounts,
+    DatasetManifest,
+    DatasetRecord,
+    FailureRecord,
+    Message,
+    Split,
+    TokenLogprob,
+    Usage,
+)
+from kubedistill.api.worker_config import GenerateConfig, GenerateResult
+from kubedistill.storage.objectstore import ObjectStore, StorageError, is_s3, local_path, open_store
+from kubedistill.worker.common import Preempted, WorkerError
+from kubedistill.worker.teacher.endpoint import CallStats, EndpointClient, FatalTeacherError, TeacherCallError
+from kubedistill.worker.teacher.keys import settings_digest, teacher_settings
+from kubedistill.worker.teacher.limits import RateLimits, token_charge
+from kubedistill.worker.teacher.progress import Progress
+from kubedistill.worker.teacher.prompts import Prompt, Rejected, ScanOptions, Source, scan
+from kubedistill.worker.teacher.store import Answer, AnswerStore, StoreStats
+from kubedistill.worker.teacher.writer import DatasetWriter
+
+CONFIG = GenerateConfig
+log = logging.getLogger("kubedistill.worker.generate")
+
+
+@dataclass
+class Plan:
+    """What the prompt set holds and what is left to ask."""
+
+    prompts: int = 0
+    train: int = 0
+    eval: int = 0
+    malformed: int = 0
+    too_long: int = 0
+    duplicates: int = 0
+    stored: int = 0  # answers already in the store
+    to_ask: int = 0  # answers missing
+    prompts_to_ask: int = 0
+    largest_charge: int = 0
+    split_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Failure:
+    """A prompt the teacher did not answer (after retries)."""
+
+    prompt: Prompt
+    keys: list[str]
+    reason: str
+
+
+@dataclass
+class RunStats:
+    """Where the time went; logged, and read by bench/generate_throughput.py."""
+
+    load_seconds: float = 0.0
+    plan_seconds: float = 0.0
+    ask_seconds: float = 0.0
+    write_seconds: float = 0.0
+    requested: int = 0
+    answered: int = 0
+    calls: CallStats | None = None
+    store: StoreStats | None = None
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main(config: GenerateConfig) -> dict[str, Any]:
+    result, _ = run(config)
+    return result.to_wire()
+
+
+def run(config: GenerateConfig) -> tuple[GenerateResult, RunStats]:
+    stats = RunStats()
+    Path(config.work_dir).mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="generate-", dir=config.work_dir))
+    try:
+        return _run(config, work, stats), stats
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(config: GenerateConfig, work: Path, stats: RunStats) -> GenerateResult:
+    teacher = config.teacher
+    digest = settings_digest(teacher)
+    sources = fetch_sources(config, work)
+
+    start = time.monotonic()
+    answers = AnswerStore.for_partition(
+        store_for(config.answer_store_uri, config),
+        config.answer_store_uri,
+        digest,
+        flush_every=config.flush_every,
+        flush_seconds=config.flush_seconds,
+    )
+    answers.load()
+    stats.store = answers.stats
+    stats.load_seconds = time.monotonic() - start
+
+    start = time.monotonic()
+    options = scan_options(config)
+    plan = make_plan(sources, options, answers, teacher.sampling.max_tokens)
+    options.split_overrides = plan.split_overrides
+    stats.plan_seconds = time.monotonic() - start
+    log.info(
+        "generate plan: prompts=%d train=%d eval=%d malformed=%d too_long=%d duplicates=%d "
+        "answers_stored=%d answers_to_ask=%d teacher=%s",
+        plan.prompts, plan.train, plan.eval, plan.malformed, plan.too_long, plan.duplicates,
+        plan.stored, plan.to_ask, teacher.model_name,
+    )  # fmt: skip
+    if plan.prompts == 0:
+        raise WorkerError(
+            f"no usable prompts in {config.prompts}: {plan.malformed} malformed, {plan.too_long} too long"
+        )
+
+    failures: list[Failure] = []
+    if plan.to_ask:
+        start = time.monotonic()
+        if teacher.endpoint is not None:
+            failures = asyncio.run(ask_endpoint(config, sources, options, answers, plan, stats))
+        else:
+            failures = ask_offline(config, sources, options, answers, plan, stats, work)
+        stats.ask_seconds = time.monotonic() - start
+        log.info(
+            "generate asked: answered=%d failed_prompts=%d seconds=%.1f store_batches=%d",
+            stats.answered, len(failures), stats.ask_seconds, answers.stats.batches_written,
+        )  # fmt: skip
+
+    start = time.monotonic()
+    result = write_dataset(config, sources, options, answers, plan, failures, stats, work)
+    stats.write_seconds = time.monotonic() - start
+    return result
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def store_for(uri: str, config: GenerateConfig) -> ObjectStore:
+    return open_store(uri, config.storage)
+
+
+def fetch_sources(config: GenerateConfig, work: Path) -> list[Source]:
+    """The prompt files as local files: eval prompts first (they win a duplicate), then the rest."""
+    sources = []
+    if config.eval_prompts:
+        sources.append(
+            Source(
+                _local_copy(config.eval_prompts, config, work / "eval-prompts.jsonl"),
+                config.eval_prompts,
+                "eval",
+                False,
+            )
+        )
+    split: Split | None = "train" if config.eval_prompts else None
+    sources.append(Source(_local_copy(config.prompts, config, work / "prompts.jsonl"), config.prompts, split, True))
+    return sources
+
+
+def _local_copy(uri: str, config: GenerateConfig, target: Path) -> Path:
+    if not is_s3(uri):
+        path = local_path(uri)
+        if not path.is_file():
+            raise WorkerError(f"prompts file {uri} does not exist")
+        return path
+    try:
+        store_for(uri, config).download_file(uri, target)
+    except StorageError as err:
+        raise WorkerError(f"cannot read prompts: {err}") from err
+    return target
+
+
+def scan_options(config: GenerateConfig) -> ScanOptions:
+    return ScanOptions(
+        system_prompt=config.teacher.system_prompt,
+        max_prompt_chars=config.max_prompt_chars,
+        eval_fraction=config.eval_fraction,
+        samples=config.teacher.sampling.n,
+        settings=teacher_settings(config.teacher),
+        max_examples=config.max_examples,
+    )
+
+
+def make_plan(sources: list[Source], options: ScanOptions, answers: AnswerStore, max_tokens: int) -> Plan:
+    """Pass 1: count everything, find what is missing, and settle the split.
+
+    The split is by content hash; with at least two hashed prompts, one is
+    moved so that neither split is empty (the one nearest the boundary), which
+    keeps tiny prompt sets usable and stays deterministic.
+    """
+    plan = Plan()
+    lowest: Prompt | None = None
+    highest: Prompt | None = None
+    hashed = hashed_eval = 0
+    for item in scan(sources, options):
+        if isinstance(item, Rejected):
+            setattr(plan, _COUNTER[item.kind], getattr(plan, _COUNTER[item.kind]) + 1)
+            continue
+        plan.prompts += 1
+        if item.split == "eval":
+            plan.eval += 1
+        else:
+            plan.train += 1
+        if item.hashed:
+            hashed += 1
+            hashed_eval += item.split == "eval"
+            if lowest is None or item.split_value < lowest.split_value:
+                lowest = item
+            if highest is None or item.split_value > highest.split_value:
+                highest = item
+        missing = [key for key in item.keys if key not in answers]
+        plan.stored += len(item.keys) - len(missing)
+        if missing:
+            plan.to_ask += len(missing)
+            plan.prompts_to_ask += 1
+            plan.largest_charge = max(plan.largest_charge, token_charge(item.messages, len(missing), max_tokens))
+    if hashed >= 2 and lowest is not None and highest is not None:
+        if hashed_eval == 0:
+            plan.split_overrides[lowest.prompt_key] = "eval"
+            plan.eval, plan.train = plan.eval + 1, plan.train - 1
+        elif hashed_eval == hashed:
+            plan.split_overrides[highest.prompt_key] = "train"
+            plan.eval, plan.train = plan.eval - 1, plan.train + 1
+    return plan
+
+
+_COUNTER = {"malformed": "malformed", "too_long": "too_long", "duplicate": "duplicates"}
+
+
+def missing_work(
+    sources: list[Source], options: ScanOptions, answers: AnswerStore
+) -> Iterator[tuple[Prompt, list[str]]]:
+    """Pass 2's input: each prompt with the keys of its samples not yet stored."""
+    for item in scan(sources, options):
+        if isinstance(item, Prompt):
+            missing = [key for key in item.keys if key not in answers]
+            if missing:
+                yield item, missing
+
+
+# --------------------------------------------------------------------------- endpoint teacher
+
+
+async def ask_endpoint(
+    config: GenerateConfig,
+    sources: list[Source],
+    options: ScanOptions,
+    answers: AnswerStore,
+    plan: Plan,
+    stats: RunStats,
+) -> list[Failure]:
+    """Pass 2 with an OpenAI-compatible teacher: a fixed pool of tasks pulling from a bounded queue."""
+    spec = config.teacher.endpoint
+    assert spec is not None
+    limits = RateLimits(spec.requests_per_minute, spec.tokens_per_minute, plan.largest_charge)
+    api_key = os.environ.get(config.api_key_env)
+    concurrency = min(spec.max_concurrency, plan.prompts_to_ask)
+    progress = Progress(plan.to_ask, interval=config.progress_seconds, label=spec.model)
+    failures: list[Failure] = []
+    queue: asyncio.Queue[tuple[Prompt, list[str]] | None] = asyncio.Queue(maxsize=2 * concurrency)
+    stop = asyncio.Event()
+    flush_wanted = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = _install_sigterm(loop, stop)
+    in_flight = [0]
+
+    async with EndpointClient(
+        config.teacher,
+        api_key,
+        limits,
+        backoff_initial=config.backoff_initial_seconds,
+        backoff_max=config.backoff_max_seconds,
+    ) as client:
+        stats.calls = client.stats
+
+        async def produce() -> None:
+            for entry in missing_work(sources, options, answers):
+                if stop.is_set():
+                    break
+                await queue.put(entry)
+            for _ in range(concurrency):
+                await queue.put(None)
+
+        async def work() -> None:
+            while (entry := await queue.get()) is not None:
+                if stop.is_set():
+                    continue  # drain the queue: nothing new is asked after SIGTERM
+                prompt, keys = entry
+                stats.requested += len(keys)
+                in_flight[0] += 1
+                try:
+                    got = await client.ask(prompt.messages, keys)
+                except TeacherCallError as err:
+                    failures.append(Failure(prompt, keys, err.reason))
+                    log.debug("prompt at %s:%d failed: %s", prompt.uri, prompt.line, err.reason)
+                    progress.update(failed=len(keys))
+                    continue
+                finally:
+                    in_flight[0] -= 1
+                stats.answered += len(got)
+                if answers.add(got):
+                    flush_wanted.set()
+                progress.update(done=len(got))
+
+        async def flush_loop() -> None:
+            tick = min(1.0, config.flush_seconds / 2)
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(flush_wanted.wait(), tick)
+                flush_wanted.clear()
+                if answers.flush_due():
+                    await answers.aflush()
+                progress.maybe_log(retries=client.stats.retries, stored=answers.stats.answers_written)
+
+        producer = asyncio.create_task(produce(), name="generate-producer")
+        workers = [asyncio.create_task(work(), name=f"generate-worker-{i}") for i in range(concurrency)]
+        flusher = asyncio.create_task(flush_loop(), name="generate-flusher")
+        everything: asyncio.Future[Any] = asyncio.gather(producer, *workers)
+        stopped: asyncio.Future[Any] = asyncio.create_task(stop.wait())
+        watched: set[asyncio.Future[Any]] = {everything, flusher, stopped}
+        try:
+            done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            if flusher in done:
+                flusher.result()  # raises the store error
+            if stopped in done and not everything.done():
+                log.warning(
+                    "SIGTERM: no new requests; up to %.0fs for %d in flight", config.drain_seconds, in_flight[0]
+                )
+                watched.discard(stopped)
+                await asyncio.wait(watched, timeout=config.drain_seconds, return_when=asyncio.FIRST_COMPLETED)
+                if flusher.done():
+                    flusher.result()
+            if everything.done():
+                everything.result()  # raises FatalTeacherError or a bug
+        except FatalTeacherError as err:
+            raise WorkerError(str(err)) from err
+        finally:
+            for task in (producer, *workers, flusher, stopped):
+                task.cancel()
+            await asyncio.gather(everything, flusher, stopped, return_exceptions=True)
+            _remove_sigterm(loop, signals)
+            progress.close()
+            # Whatever arrived is kept, whatever ended the run (a store failure re-raises here).
+            await answers.aflush()
+    _log_calls(client.stats)
+    if stop.is_set():
+        raise Preempted(
+            f"SIGTERM after {stats.answered} answers this run; all are stored, a restart asks only for the rest"
+        )
+    return failures
+
+
+def _install_sigterm(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> bool:
+    try:
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
+        return False
+    return True
+
+
+def _remove_sigterm(loop: asyncio.AbstractEventLoop, installed: bool) -> None:
+    if installed:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
+def _log_calls(calls: CallStats) -> None:
+    reasons = ",".join(f"{k}:{v}" for k, v in sorted(calls.retry_reasons.items())) or "-"
+    log.info(
+        "teacher calls: attempts=%d retries=%d succeeded=%d failed=%d retry_reasons=%s "
+        "prompt_tokens=%d completion_tokens=%d",
+        calls.attempts, calls.retries, calls.succeeded, calls.failed, reasons,
+        calls.prompt_tokens, calls.completion_tokens,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- in-pod vLLM teacher
+
+
+def ask_offline(
+    config: GenerateConfig,
+    sources: list[Source],
+    options: ScanOptions,
+    answers: AnswerStore,
+    plan: Plan,
+    stats: RunStats,
+    work: Path,
+) -> list[Failure]:
+    """Pass 2 with vLLM in this process: batches of prompts, answers stored after each batch."""
+    from kubedistill.worker.teacher.offline import OfflineItem, StopFlag, load_llm, resolve_model, run_offline
+
+    spec = config.teacher.vllm
+    assert spec is not None
+    failures: list[Failure] = []
+    prompts_by_item: dict[int, Prompt] = {}
+    progress = Progress(plan.to_ask, interval=config.progress_seconds, label=spec.model)
+
+    def items() -> Iterator[OfflineItem]:
+        for prompt, keys in missing_work(sources, options, answers):
+            item = OfflineItem(prompt.messages, keys)
+            prompts_by_item[id(item)] = prompt
+            stats.requested += len(keys)
+            yield item
+
+    def on_answers(got: list[Answer]) -> None:
+        answers.add(got)
+        answers.flush()
+        stats.answered += len(got)
+        progress.update(done=len(got))
+
+    def on_failure(item: OfflineItem, reason: str) -> None:
+        failures.append(Failure(prompts_by_item[id(item)], item.keys, reason))
+        progress.update(failed=len(item.keys))
+
+    with StopFlag() as stop:
+        model_store = store_for(spec.model, config) if is_s3(spec.model) else None
+        llm = load_llm(config.teacher, resolve_model(spec.model, model_store, work))
+        try:
+            run_offline(llm, config.teacher, items(), config.offline_batch_size, on_answers, on_failure, stop)
+        finally:
+            answers.flush()
+            progress.close()
+            del llm
+    if stop.stopped:
+        raise Preempted(f"SIGTERM after {stats.answered} answers this run; all are stored, a restart resumes")
+    return failures
+
+
+# --------------------------------------------------------------------------- output
+
+
+def write_dataset(
+    config: GenerateConfig,
+    sources: list[Source],
+    options: ScanOptions,
+    answers: AnswerStore,
+    plan: Plan,
+    failures: list[Failure],
+    stats: RunStats,
+    work: Path,
+) -> GenerateResult:
+    """Pass 3: shards in input order, failures.jsonl, and, if the failures are tolerable, the manifest."""
+    reasons = {key: failure.reason for failure in failures for key in failure.keys}
+    writer = DatasetWriter(
+        store_for(config.output_uri, config), config.output_uri, work / "shards", config.shard_records
+    )
+    writer.begin()
+    counts = DatasetCounts(
+        prompts=plan.prompts,
+        malformed=plan.malformed,
+        too_long=plan.too_long,
+        duplicates=plan.duplicates,
+        reused=plan.stored,
+        requested=stats.requested,
+    )
+    failed_prompts = 0
+    first_reason = ""
+    for item in scan(sources, options):
+        if isinstance(item, Rejected):
+            if item.kind != "duplicate":
+                writer.add_failure(
+                    FailureRecord(kind=item.kind, source=item.uri, line=item.line, id=item.id, reason=item.reason)
+                )
+            continue
+        prompt_failed = False
+        for key in item.keys:
+            line = answers.answers.get(key)
+            if line is None:
+                reason = reasons.get(key, "not answered")
+                if not prompt_failed:
+                    writer.add_failure(
+                        FailureRecord(
+                            kind="failed", source=item.uri, line=item.line, id=item.id, key=key, reason=reason
+                        )
+                    )
+                    first_reason = first_reason or reason
+                prompt_failed = True
+                continue
+            writer.add(build_record(item, Answer.from_line(line)))
+            if item.split == "eval":
+                counts.eval += 1
+            else:
+                counts.train += 1
+        failed_prompts += prompt_failed
+    counts.failed = failed_prompts
+
+    fraction = failed_prompts / plan.prompts
+    if fraction > config.max_failure_fraction:
+        where = writer.write_failures()
+        raise WorkerError(
+            f"the teacher failed for {failed_prompts} of {plan.prompts} prompts ({fraction:.1%} > maxFailureFraction "
+            f"{config.max_failure_fraction:.1%}), e.g. {first_reason}; answers so far are stored, details in "
+            f"{config.output_uri.rstrip('/')}/{where}"
+        )
+    if counts.train == 0:
+        raise WorkerError(f"no training examples: all {counts.eval} answered prompts are in the eval split")
+    manifest = writer.finish(
+        teacher_model=config.teacher.model_name, counts=counts, settings_digest=settings_digest(config.teacher)
+    )
+    log.info(
+        "generate wrote %s: train=%d eval=%d failed=%d malformed=%d too_long=%d reused=%d requested=%d digest=%s",
+        config.output_uri, counts.train, counts.eval, counts.failed, counts.malformed, counts.too_long,
+        counts.reused, counts.requested, manifest.digest,
+    )  # fmt: skip
+    return result_of(config, manifest)
+
+
+def build_record(prompt: Prompt, answer: Answer) -> DatasetRecord:
+    return DatasetRecord(
+        key=answer.key,
+        id=prompt.id,
+        split=prompt.split,
+        prompt=[Message(role=role, content=content) for role, content in prompt.messages],  # type: ignore[arg-type]
+        completion=[Message(role="assistant", content=answer.content)],
+        finish_reason=answer.finish_reason,
+        usage=Usage(prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens),
+        logprobs=[TokenLogprob.model_validate(entry) for entry in answer.logprobs] if answer.logprobs else None,
+    )
+
+
+def result_of(config: GenerateConfig, manifest: DatasetManifest) -> GenerateResult:
+    counts = manifest.counts
+    return GenerateResult(
+        dataset_uri=config.output_uri,
+        digest=manifest.digest,
+        examples=counts.train + counts.eval,
+        train=counts.train,
+        eval=counts.eval,
+        failed=counts.failed,
+        malformed=counts.malformed,
+        too_long=counts.too_long,
+        requested=counts.requested,
+        reused=counts.reused,
+        prompt_tokens=manifest.usage.prompt_tokens,
+        completion_tokens=manifest.usage.completion_tokens,
+    )

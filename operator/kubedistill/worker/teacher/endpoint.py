@@ -1,0 +1,296 @@
+"""Asking an OpenAI-compatible chat completions API: one prompt, n samples, retried politely.
+
+Built on httpx (an HTTP/1.1 keep-alive pool sized to the concurrency, so no
+request waits for a connection and none is opened per request) and tenacity
+(exponential backoff with full jitter, raised to the server's Retry-After when
+it sends one). We talk HTTP ourselves rather than through the openai SDK
+because we need the raw status and headers of every attempt (Retry-After,
+retry-after-ms), our own retry policy instead of the SDK's, and no pydantic
+parsing of every response; bench/generate_throughput.py compares the two.
+
+Which failures are retried: timeouts, connection errors, truncated or
+malformed bodies, 408/409/425/429 and 5xx. A 400-class answer about the
+request itself (400, 413, 422, ...) fails that prompt at once; 401, 403 and
+404 (bad key, no access, wrong model or URL) would fail every prompt the same
+way, so they stop the stage with a clear reason instead of spending the
+whole prompt set on them.
+
+The API key is sent in the Authorization header and appears nowhere else: not
+in logs, not in error messages (server error bodies are scrubbed of it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import logging
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_random_exponential
+from tenacity.wait import wait_base
+
+from kubedistill.api.v1alpha1 import EndpointTeacher, TeacherSpec
+from kubedistill.worker.teacher.limits import RateLimits, token_charge
+from kubedistill.worker.teacher.store import Answer
+
+log = logging.getLogger("kubedistill.worker.generate")
+
+RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
+FATAL_STATUS = {
+    401: "the teacher refused the API key",
+    403: "the API key may not use this model",
+    404: "no such model or URL",
+}
+RETRY_AFTER_CAP = 600.0  # seconds; a server asking for more is treated as asking for this
+_SECRETISH = re.compile(r"(sk|key|tok)-[A-Za-z0-9_\-]{6,}")
+
+
+class TeacherCallError(Exception):
+    """One attempt failed. ``reason`` is one short line, safe to log and report."""
+
+    def __init__(self, reason: str, *, retryable: bool, retry_after: float | None = None, status: int | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.retryable = retryable
+        self.retry_after = retry_after
+        self.status = status
+
+
+class FatalTeacherError(Exception):
+    """The teacher will refuse every prompt (bad key, unknown model): stop the stage."""
+
+
+@dataclass
+class CallStats:
+    """What the requests did; logged and returned to callers (the bench reads it)."""
+
+    attempts: int = 0
+    retries: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    retry_reasons: Counter[str] = field(default_factory=Counter)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def parse_retry_after(headers: httpx.Headers, now: float | None = None) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date)."""
+    millis = headers.get("retry-after-ms")
+    if millis:
+        try:
+            return max(0.0, float(millis) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+class wait_retry_after(wait_base):
+    """Exponential backoff with jitter, but never shorter than the server's Retry-After."""
+
+    def __init__(self, backoff: wait_base) -> None:
+        self.backoff = backoff
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        wait = self.backoff(retry_state)
+        outcome = retry_state.outcome
+        error = outcome.exception() if outcome is not None else None
+        retry_after = getattr(error, "retry_after", None)
+        if retry_after is not None:
+            wait = max(wait, min(retry_after, RETRY_AFTER_CAP))
+        return wait
+
+
+def _is_retryable(error: BaseException) -> bool:
+    return isinstance(error, TeacherCallError) and error.retryable
+
+
+class EndpointClient:
+    """Chat completions against one OpenAI-compatible endpoint."""
+
+    def __init__(
+        self,
+        teacher: TeacherSpec,
+        api_key: str | None,
+        limits: RateLimits,
+        *,
+        backoff_initial: float = 1.0,
+        backoff_max: float = 60.0,
+    ) -> None:
+        if teacher.endpoint is None:
+            raise ValueError("EndpointClient needs teacher.endpoint")
+        self.spec: EndpointTeacher = teacher.endpoint
+        self.teacher = teacher
+        self.limits = limits
+        self.stats = CallStats()
+        self._api_key = api_key or None
+        self._backoff = wait_random_exponential(multiplier=backoff_initial, max=backoff_max)
+        self._http: httpx.AsyncClient | None = None
+
+    async def __aenter__(self) -> EndpointClient:
+        # httpx logs every request at INFO: millions of lines in a pod log.
+        logging.getLogger("httpx").setLevel(max(logging.getLogger("httpx").getEffectiveLevel(), logging.WARNING))
+        size = self.spec.max_concurrency
+        headers = {"content-type": "application/json", "user-agent": "kubedistill-generate"}
+        if self._api_key:
+            headers["authorization"] = f"Bearer {self._api_key}"
+        self._http = httpx.AsyncClient(
+            base_url=self.spec.base_url.rstrip("/") + "/",
+            headers=headers,
+            limits=httpx.Limits(max_connections=size, max_keepalive_connections=size, keepalive_expiry=60),
+            timeout=httpx.Timeout(self.spec.timeout_seconds, pool=None),
+            follow_redirects=False,
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    # ------------------------------------------------------------------ requests
+
+    def payload(self, messages: tuple[tuple[str, str], ...], samples: int) -> dict[str, Any]:
+        sampling = self.teacher.sampling
+        body: dict[str, Any] = {
+            "model": self.spec.model,
+            "messages": [{"role": role, "content": content} for role, content in messages],
+            "max_tokens": sampling.max_tokens,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "n": samples,
+        }
+        if sampling.seed is not None:
+            body["seed"] = sampling.seed
+        if self.teacher.logprobs:
+            body["logprobs"] = True
+            body["top_logprobs"] = self.teacher.logprobs
+        return body
+
+    async def ask(self, messages: tuple[tuple[str, str], ...], keys: list[str]) -> list[Answer]:
+        """One answer per key (the samples still missing), asked in one request with n=len(keys).
+
+        Raises TeacherCallError once retries are spent (or at once when retrying cannot help),
+        FatalTeacherError when no prompt can succeed.
+        """
+        body = json.dumps(self.payload(messages, len(keys)), ensure_ascii=False).encode()
+        charge = token_charge(messages, len(keys), self.teacher.sampling.max_tokens)
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.spec.max_retries + 1),
+            wait=wait_retry_after(self._backoff),
+            retry=retry_if_exception(_is_retryable),
+            before_sleep=self._before_sleep,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    await self.limits.acquire(charge)
+                    answers = await self._attempt(body, keys)
+        except TeacherCallError as err:
+            self.stats.failed += 1
+            attempts = retrying.statistics.get("attempt_number", 1)
+            err.reason = f"{err.reason} (after {attempts} attempt{'s' if attempts != 1 else ''})"
+            raise
+        self.stats.succeeded += 1
+        return answers
+
+    def _before_sleep(self, retry_state: RetryCallState) -> None:
+        self.stats.retries += 1
+        error = retry_state.outcome.exception() if retry_state.outcome else None
+        if isinstance(error, TeacherCallError):
+            label = str(error.status) if error.status else error.reason.split(":")[0]
+            self.stats.retry_reasons[label] += 1
+            if error.retry_after is not None and error.status in (429, 503):
+                self.limits.cool_down(min(error.retry_after, RETRY_AFTER_CAP))
+
+    async def _attempt(self, body: bytes, keys: list[str]) -> list[Answer]:
+        assert self._http is not None, "use EndpointClient as an async context manager"
+        self.stats.attempts += 1
+        try:
+            async with asyncio.timeout(self.spec.timeout_seconds):
+                response = await self._http.post("chat/completions", content=body)
+        except TimeoutError as err:
+            raise TeacherCallError(f"timeout: no answer within {self.spec.timeout_seconds:g}s", retryable=True) from err
+        except httpx.TimeoutException as err:
+            raise TeacherCallError(f"timeout: {type(err).__name__}", retryable=True) from err
+        except httpx.TransportError as err:
+            raise TeacherCallError(
+                f"connection: {type(err).__name__}: {self._scrub(str(err))}", retryable=True
+            ) from err
+        status = response.status_code
+        if status == 200:
+            return self._parse(response, keys)
+        detail = self._scrub(" ".join(response.text[:300].split()))
+        if status in FATAL_STATUS:
+            raise FatalTeacherError(f"HTTP {status} from the teacher: {FATAL_STATUS[status]}: {detail}")
+        retryable = status in RETRYABLE_STATUS or status >= 500
+        raise TeacherCallError(
+            f"HTTP {status}: {detail}" if detail else f"HTTP {status}",
+            retryable=retryable,
+            retry_after=parse_retry_after(response.headers),
+            status=status,
+        )
+
+    def _parse(self, response: httpx.Response, keys: list[str]) -> list[Answer]:
+        try:
+            doc = response.json()
+            choices = sorted(doc["choices"], key=lambda c: c.get("index", 0))
+            if len(choices) < len(keys):
+                raise ValueError(f"{len(choices)} choices for n={len(keys)}")
+            answers = []
+            for key, choice in zip(keys, choices, strict=False):
+                content = choice["message"]["content"]
+                if not isinstance(content, str):
+                    raise ValueError("choice without text content")
+                answers.append(
+                    Answer(
+                        key=key,
+                        content=content,
+                        finish_reason=choice.get("finish_reason"),
+                        logprobs=_logprobs(choice.get("logprobs")) if self.teacher.logprobs else None,
+                    )
+                )
+            usage = doc.get("usage") or {}
+            answers[0].prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            answers[0].completion_tokens = int(usage.get("completion_tokens") or 0)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as err:
+            raise TeacherCallError(f"malformed response: {type(err).__name__}: {err}"[:200], retryable=True) from err
+        self.stats.prompt_tokens += answers[0].prompt_tokens
+        self.stats.completion_tokens += answers[0].completion_tokens
+        return answers
+
+    def _scrub(self, text: str) -> str:
+        if self._api_key:
+            text = text.replace(self._api_key, "***")
+        return _SECRETISH.sub("***", text)
+
+
+def _logprobs(block: Any) -> list[dict[str, Any]] | None:
+    """OpenAI's ``choice.logprobs.content`` -> [{token, logprob, top: {token: logprob}}]."""
+    if not block or not block.get("content"):
+        return None
+    return [
+        {
+            "token": item["token"],
+            "logprob": float(item["logprob"]),
+            "top": {alt["token"]: float(alt["logprob"]) for alt in item.get("top_logprobs") or []},
+        }
+        for item in block["content"]
+    ]

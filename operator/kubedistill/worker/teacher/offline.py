@@ -1,0 +1,204 @@
+"""An open-weight teacher run inside the pod: vLLM offline batch inference (``vllm.LLM``).
+
+Prompts go to ``LLM.chat`` in batches of ``offline_batch_size``; vLLM's own
+scheduler keeps the accelerator busy within a batch. Answers are stored after
+every batch, and SIGTERM is honoured between batches, so a preempted pod loses
+at most one batch of work. The records are the same as an endpoint teacher's.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubedistill.api.v1alpha1 import TeacherSpec
+from kubedistill.storage.objectstore import ObjectStore, download_prefix, is_s3
+from kubedistill.worker.common import WorkerError
+from kubedistill.worker.teacher.store import Answer
+
+log = logging.getLogger("kubedistill.worker.generate")
+MIN_LOGPROB = -9999.0
+
+
+@dataclass(frozen=True)
+class OfflineItem:
+    messages: tuple[tuple[str, str], ...]
+    keys: list[str]
+
+
+def resolve_model(model: str, store: ObjectStore | None, work_dir: Path) -> str:
+    """A local directory vLLM can load: an s3:// prefix is downloaded first."""
+    if not is_s3(model):
+        return model
+    if store is None:
+        raise WorkerError(f"no object store for teacher model {model}")
+    target = work_dir / "teacher-model"
+    if not (target / "config.json").exists():
+        log.info("downloading teacher model %s", model)
+        if not download_prefix(store, model, target):
+            raise WorkerError(f"teacher model {model} is empty or missing")
+    return str(target)
+
+
+def load_llm(teacher: TeacherSpec, model_path: str) -> Any:
+    from vllm import LLM
+
+    spec = teacher.vllm
+    assert spec is not None
+    kwargs: dict[str, Any] = {
+        "model": model_path,
+        "tensor_parallel_size": spec.tensor_parallel_size,
+        "dtype": spec.dtype,
+    }
+    if spec.max_model_len:
+        kwargs["max_model_len"] = spec.max_model_len
+    if teacher.sampling.seed is not None:
+        kwargs["seed"] = teacher.sampling.seed
+    try:
+        return LLM(**kwargs)
+    except Exception as err:
+        raise WorkerError(f"vLLM could not load teacher model {spec.model}: {type(err).__name__}: {err}") from err
+
+
+def sampling_params(teacher: TeacherSpec, samples: int) -> Any:
+    from vllm import SamplingParams
+
+    sampling = teacher.sampling
+    return SamplingParams(
+        n=samples,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        max_tokens=sampling.max_tokens,
+        seed=sampling.seed,
+        logprobs=teacher.logprobs or None,
+    )
+
+
+def answers_from_output(output: Any, keys: list[str], top_k: int | None) -> list[Answer]:
+    """One vLLM RequestOutput -> one Answer per key; usage goes to the first, as with endpoints."""
+    completions = sorted(output.outputs, key=lambda c: c.index)
+    answers = [
+        Answer(
+            key=key,
+            content=completion.text,
+            finish_reason=completion.finish_reason,
+            completion_tokens=len(completion.token_ids),
+            logprobs=_logprobs(completion, top_k) if top_k else None,
+        )
+        for key, completion in zip(keys, completions, strict=False)
+    ]
+    if answers:
+        answers[0].prompt_tokens = len(output.prompt_token_ids or [])
+    return answers
+
+
+def _logprobs(completion: Any, top_k: int) -> list[dict[str, Any]] | None:
+    if completion.logprobs is None:
+        return None
+    out = []
+    for position, token_id in enumerate(completion.token_ids):
+        entries = completion.logprobs[position]
+        chosen = entries.get(token_id)
+        top = {
+            (lp.decoded_token or str(tid)): _finite(lp.logprob)
+            for tid, lp in entries.items()
+            if lp.rank is None or lp.rank <= top_k
+        }
+        token = (chosen.decoded_token if chosen else None) or str(token_id)
+        out.append({"token": token, "logprob": _finite(chosen.logprob) if chosen else MIN_LOGPROB, "top": top})
+    return out
+
+
+def _finite(value: float) -> float:
+    """JSON has no -inf: clamp like vLLM's OpenAI server does."""
+    return max(float(value), MIN_LOGPROB)
+
+
+def _batches(items: Iterable[OfflineItem], size: int) -> Iterator[list[OfflineItem]]:
+    batch: list[OfflineItem] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def run_offline(
+    llm: Any,
+    teacher: TeacherSpec,
+    items: Iterable[OfflineItem],
+    batch_size: int,
+    on_answers: Callable[[list[Answer]], None],
+    on_failure: Callable[[OfflineItem, str], None],
+    stop: Callable[[], bool],
+) -> int:
+    """Answer every item; ``on_answers`` stores each batch's answers. Returns the number of answers.
+
+    vLLM refuses a whole batch when one prompt is bad (longer than the context,
+    say): that batch is then retried one prompt at a time, so only the bad
+    prompts fail.
+    """
+    total = 0
+    for batch in _batches(items, batch_size):
+        if stop():
+            break
+        try:
+            outputs = _chat(llm, teacher, batch)
+        except Exception as err:  # vLLM raises ValueError, RuntimeError, ... for bad inputs
+            log.warning("vLLM refused a batch (%s: %s); retrying its prompts one by one", type(err).__name__, err)
+            outputs = []
+            for item in batch:
+                try:
+                    outputs.extend(_chat(llm, teacher, [item]))
+                except Exception as one:
+                    on_failure(item, f"vLLM: {type(one).__name__}: {one}"[:300])
+                    outputs.append(None)
+        answers: list[Answer] = []
+        for item, output in zip(batch, outputs, strict=True):
+            if output is not None:
+                answers.extend(answers_from_output(output, item.keys, teacher.logprobs))
+        on_answers(answers)
+        total += len(answers)
+    return total
+
+
+def _chat(llm: Any, teacher: TeacherSpec, batch: list[OfflineItem]) -> list[Any]:
+    return list(
+        llm.chat(
+            [[{"role": r, "content": c} for r, c in item.messages] for item in batch],
+            [sampling_params(teacher, len(item.keys)) for item in batch],
+            use_tqdm=False,
+        )
+    )
+
+
+class StopFlag:
+    """SIGTERM -> a flag checked between batches (a vLLM batch is not interruptible)."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+        self._previous: Any = None
+
+    def __enter__(self) -> StopFlag:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: nobody can signal us anyway
+            self._previous = None
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        log.warning("SIGTERM: finishing the current batch, then storing answers and exiting")
+        self.stopped = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def __call__(self) -> bool:
+        return self.stopped
