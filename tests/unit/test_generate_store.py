@@ -1,0 +1,101 @@
+"""generate: the answer store (batches, index, first copy wins) and the dataset writer (local backend)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from kubedistill.api.dataset import DatasetCounts, DatasetManifest, DatasetRecord, Message, dataset_digest
+from kubedistill.api.v1alpha1 import TeacherSpec
+from kubedistill.storage.objectstore import LocalStore
+from kubedistill.worker.teacher.endpoint import EndpointClient
+from kubedistill.worker.teacher.limits import RateLimits
+from kubedistill.worker.teacher.store import Answer, AnswerStore
+from kubedistill.worker.teacher.writer import DatasetWriter
+
+
+def make_store(tmp_path, **kw):
+    return AnswerStore.for_partition(LocalStore(), str(tmp_path / "answers"), "abc", **kw)
+
+
+def test_answers_flush_in_batches_and_load_back(tmp_path):
+    store = make_store(tmp_path, flush_every=3, flush_seconds=3600)
+    assert not store.add([Answer("k1", "a1"), Answer("k2", "a2")])
+    assert store.add([Answer("k3", "a3", logprobs=[{"token": "a", "logprob": -0.1, "top": {}}])])
+    assert store.flush() == 3
+    store.add([Answer("k4", "a4", finish_reason="length", prompt_tokens=5, completion_tokens=7)])
+    assert store.flush() == 1
+    assert store.flush() == 0
+    batches = sorted((tmp_path / "answers" / "v1" / "abc").glob("batch-*.jsonl"))
+    assert len(batches) == 2
+
+    again = make_store(tmp_path)
+    assert again.load() == 4
+    assert again.get("k4") == Answer("k4", "a4", "length", 5, 7, None)
+    assert again.get("k3").logprobs == [{"token": "a", "logprob": -0.1, "top": {}}]
+    assert "k1" in again and "nope" not in again
+
+
+def test_flush_is_due_after_flush_seconds(tmp_path):
+    store = make_store(tmp_path, flush_every=100, flush_seconds=0.05)
+    assert not store.add([Answer("k1", "a")])
+    time.sleep(0.06)
+    assert store.flush_due()
+
+
+def test_first_copy_of_a_key_wins_and_torn_lines_are_skipped(tmp_path):
+    part = tmp_path / "answers" / "v1" / "abc"
+    part.mkdir(parents=True)
+    (part / "batch-1.jsonl").write_bytes(Answer("k", "first").to_line() + b'{"key": "torn", "cont')
+    (part / "batch-2.jsonl").write_bytes(Answer("k", "second").to_line() + Answer("j", "x").to_line())
+    store = make_store(tmp_path)
+    assert store.load() == 2
+    assert store.get("k").content == "first"
+    assert store.stats.unreadable_lines == 1
+
+
+def test_other_partitions_are_not_loaded(tmp_path):
+    other = AnswerStore.for_partition(LocalStore(), str(tmp_path / "answers"), "zzz")
+    other.add([Answer("k", "x")])
+    other.flush()
+    assert make_store(tmp_path).load() == 0
+
+
+def record(i, split):
+    return DatasetRecord(
+        key=f"k{i}",
+        split=split,
+        prompt=[Message(role="user", content=f"q{i}")],
+        completion=[Message(role="assistant", content=f"a{i}")],
+    )
+
+
+def write(tmp_path, name):
+    out = tmp_path / name
+    writer = DatasetWriter(LocalStore(), str(out), tmp_path / f"work-{name}", shard_records=2)
+    writer.begin()
+    for i in range(5):
+        writer.add(record(i, "eval" if i == 3 else "train"))
+    manifest = writer.finish(teacher_model="t", counts=DatasetCounts(prompts=5, train=4, eval=1), settings_digest="s")
+    return out, manifest
+
+
+def test_writer_shards_manifest_last_and_deterministic(tmp_path):
+    out, manifest = write(tmp_path, "a")
+    assert [(s.path, s.records) for s in manifest.shards] == [
+        ("shards/train-00000.jsonl", 2), ("shards/train-00001.jsonl", 2), ("shards/eval-00000.jsonl", 1),
+    ]  # fmt: skip
+    assert manifest.digest == dataset_digest(manifest.shards)
+    on_disk = DatasetManifest.model_validate(json.loads((out / "manifest.json").read_text()))
+    assert on_disk == manifest
+    lines = (out / "shards" / "train-00000.jsonl").read_text().splitlines()
+    assert DatasetRecord.model_validate_json(lines[0]) == record(0, "train")
+    _, again = write(tmp_path, "b")
+    assert (again.digest, again.dataset_key) == (manifest.digest, manifest.dataset_key)
+
+
+def test_api_key_is_scrubbed_from_error_text():
+    spec = TeacherSpec.model_validate({"endpoint": {"baseURL": "http://t/v1", "model": "m"}})
+    client = EndpointClient(spec, "sk-supersecret-123456", RateLimits())
+    assert "supersecret" not in client._scrub("Incorrect API key provided: sk-supersecret-123456")
+    assert "sk-other" not in client._scrub("bad key sk-otherkey12345")
