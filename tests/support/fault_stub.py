@@ -55,7 +55,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 class _State:
     def __init__(self, latency: float, api_key: str | None) -> None:
-        self.latency = latency
+        self.latency = self.initial_latency = latency
         self.api_key = api_key
         self.script: dict[str, list[str]] = {}
         self.attempts: defaultdict[str, int] = defaultdict(int)
@@ -175,6 +175,7 @@ def make_app(state: _State) -> Any:
         state.log.clear()
         state.attempts.clear()
         state.script = {}
+        state.latency = state.initial_latency
         return web.json_response({"ok": True})
 
     app = web.Application(client_max_size=64 << 20)
@@ -250,12 +251,9 @@ class FaultStub:
 
     def stop(self) -> None:
         if self._proc is not None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+            # Nothing to save, and a graceful shutdown would wait for the "hang" handlers.
+            self._proc.kill()
+            self._proc.wait()
             self._proc = None
 
     @property
@@ -280,6 +278,7 @@ class FaultStub:
         self._call("POST", "/_stub/script", payload)
 
     def reset(self) -> None:
+        """Forget the log, attempts and script; latency goes back to the start value."""
         self._call("POST", "/_stub/reset")
 
     def requests(self) -> list[dict[str, Any]]:

@@ -75,10 +75,18 @@ class RateLimits:
         self._resume_at = max(self._resume_at, time.monotonic() + seconds)
 
     async def acquire(self, tokens: int = 0) -> None:
-        """Wait until one request charged ``tokens`` may be sent."""
-        while (delay := self._resume_at - time.monotonic()) > 0:
-            await asyncio.sleep(delay)
-        if self.tokens is not None and tokens:
-            await self.tokens.acquire(min(float(tokens), self.token_capacity))
-        if self.requests is not None:
-            await self.requests.acquire()
+        """Wait until one request charged ``tokens`` may be sent.
+
+        A cool-down that starts while we wait for the buckets voids the slot we got:
+        waking up after it and sending at once would make every waiting worker fire
+        together. So we wait it out and queue again, keeping the spacing.
+        """
+        while True:
+            while (delay := self._resume_at - time.monotonic()) > 0:
+                await asyncio.sleep(delay)
+            if self.tokens is not None and tokens:
+                await self.tokens.acquire(min(float(tokens), self.token_capacity))
+            if self.requests is not None:
+                await self.requests.acquire()
+            if self._resume_at <= time.monotonic():
+                return

@@ -1,0 +1,379 @@
+"""generate against the fault-injecting stub and a real S3-compatible server (versitygw).
+
+What a real teacher won't do on demand: 429 with Retry-After, 500s, hangs, malformed and
+truncated bodies; plus SIGKILL and SIGTERM in the middle of a run. The stub counts every
+request it receives, so "never pays twice" is asserted on what the teacher actually saw.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+from tests.support.fault_stub import FaultStub
+from tests.support.s3 import s3_server
+
+from kubedistill.api.dataset import DatasetManifest, DatasetRecord, FailureRecord
+from kubedistill.api.worker_config import GenerateConfig
+from kubedistill.worker import common, generate
+from kubedistill.worker.teacher.keys import answer_key, teacher_settings
+
+pytestmark = pytest.mark.worker
+
+API_KEY = "sk-test-0123456789abcdef"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    yield from s3_server(tmp_path_factory.mktemp("s3"))
+
+
+@pytest.fixture(scope="module")
+def stub():
+    with FaultStub(api_key=API_KEY) as server:
+        yield server
+
+
+@pytest.fixture
+def env(s3, stub, monkeypatch, tmp_path):
+    """Credentials as a pod gets them: S3 keys, the teacher key, the termination log path."""
+    values = {
+        **s3.env(),
+        "KUBEDISTILL_TEACHER_API_KEY": API_KEY,
+        "KUBEDISTILL_TERMINATION_LOG": str(tmp_path / "termination-log"),
+    }
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    stub.reset()
+    return values
+
+
+class Job:
+    """One generate job's URIs in a fresh bucket, and helpers to read what it wrote."""
+
+    def __init__(self, s3, stub, tmp_path, prompts, **overrides):
+        self.s3, self.stub, self.tmp = s3, stub, tmp_path
+        self.bucket = s3.make_bucket()
+        self.client = s3.client()
+        lines = [p if isinstance(p, bytes) else json.dumps(p).encode() for p in prompts]
+        self.client.put_object(Bucket=self.bucket, Key="in/prompts.jsonl", Body=b"\n".join(lines) + b"\n")
+        self.doc = {
+            "prompts": f"s3://{self.bucket}/in/prompts.jsonl",
+            "outputUri": f"s3://{self.bucket}/run/dataset",
+            "answerStoreUri": f"s3://{self.bucket}/answers",
+            "teacher": {
+                "endpoint": {
+                    "baseURL": stub.base_url,
+                    "model": "stub-teacher",
+                    "timeoutSeconds": 1,
+                    "maxConcurrency": 8,
+                },
+                "sampling": {"temperature": 0, "maxTokens": 32},
+            },
+            "evalFraction": 0.2,
+            "storage": {"endpoint": s3.endpoint_url, "addressingStyle": "path"},
+            "workDir": str(tmp_path / "work"),
+            "backoffInitialSeconds": 0.05,
+            "backoffMaxSeconds": 0.5,
+            "progressSeconds": 1,
+        }
+        _merge(self.doc, overrides)
+
+    @property
+    def config(self) -> GenerateConfig:
+        return GenerateConfig.model_validate(self.doc)
+
+    def config_file(self) -> Path:
+        path = self.tmp / "generate.yaml"
+        path.write_text(yaml.safe_dump(self.doc))
+        return path
+
+    def get(self, key: str) -> bytes:
+        return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+
+    def exists(self, key: str) -> bool:
+        return "Contents" in self.client.list_objects_v2(Bucket=self.bucket, Prefix=key)
+
+    def manifest(self) -> DatasetManifest:
+        return DatasetManifest.model_validate_json(self.get("run/dataset/manifest.json"))
+
+    def records(self) -> list[DatasetRecord]:
+        out = []
+        for shard in self.manifest().shards:
+            body = self.get(f"run/dataset/{shard.path}")
+            out += [DatasetRecord.model_validate_json(line) for line in body.splitlines()]
+        return out
+
+    def failures(self) -> list[FailureRecord]:
+        body = self.get("run/dataset/failures.jsonl")
+        return [FailureRecord.model_validate_json(line) for line in body.splitlines()]
+
+    def stored_keys(self) -> set[str]:
+        keys = set()
+        listing = self.client.list_objects_v2(Bucket=self.bucket, Prefix="answers/")
+        for obj in listing.get("Contents", []):
+            for line in self.get(obj["Key"]).splitlines():
+                keys.add(json.loads(line)["key"])
+        return keys
+
+    def key_of(self, prompt: str) -> str:
+        return answer_key(teacher_settings(self.config.teacher), (("user", prompt),), 0)
+
+    def cli(self, env: dict[str, str]) -> subprocess.Popen[str]:
+        """`python -m kubedistill.worker generate --config FILE`, as the pod runs it."""
+        return subprocess.Popen(
+            [sys.executable, "-m", "kubedistill.worker", "generate", "--config", str(self.config_file())],
+            cwd=REPO_ROOT,
+            env={**os.environ, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+
+def _merge(base: dict, extra: dict) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def prompts(n: int) -> list[dict]:
+    return [{"id": f"p{i}", "prompt": f"prompt-{i}"} for i in range(n)]
+
+
+def asked(stub: FaultStub) -> Counter[str]:
+    return Counter(entry["prompt"] for entry in stub.requests())
+
+
+# --------------------------------------------------------------------------- faults and limits
+
+
+def test_faults_every_prompt_answered_once_retries_observed_rate_never_exceeded(s3, stub, env, tmp_path, caplog):
+    items = [*prompts(60), b"{this is not json", {"prompt": "x" * 400}, {"id": "again", "prompt": "prompt-7"}]
+    faults = {
+        "prompt-1": ["429:1", "ok"],
+        "prompt-2": ["500", "502", "ok"],
+        "prompt-3": ["hang", "ok"],
+        "prompt-4": ["malformed", "truncated", "ok"],
+        "prompt-5": ["reset", "nochoices", "ok"],
+        "prompt-6": ["503:1", "ok"],
+    }
+    stub.script(faults)
+    job = Job(
+        s3, stub, tmp_path, items, maxPromptChars=300, teacher={"endpoint": {"requestsPerMinute": 1200}, "logprobs": 2}
+    )
+    caplog.set_level("DEBUG")
+
+    result, stats = generate.run(job.config)
+
+    # Every prompt answered exactly once in the output; bad lines counted, not fatal.
+    records = job.records()
+    assert sorted(r.id for r in records) == sorted(f"p{i}" for i in range(60))
+    assert len({r.key for r in records}) == 60
+    assert all(r.completion[0].content == f"echo: {r.prompt[-1].content}" for r in records)
+    assert all(r.logprobs and len(r.logprobs[0].top) == 2 for r in records)
+    manifest = job.manifest()
+    assert (manifest.counts.prompts, manifest.counts.malformed, manifest.counts.too_long) == (60, 1, 1)
+    assert manifest.counts.duplicates == 1
+    assert (result.train + result.eval, result.failed, result.requested) == (60, 0, 60)
+    assert result.eval == sum(r.split == "eval" for r in records) > 0
+    assert {f.kind for f in job.failures()} == {"malformed", "too_long"}
+    assert manifest.usage.completion_tokens == sum(r.usage.completion_tokens for r in records) > 0
+
+    # Retries observed: each faulted prompt was sent once per scripted fault, then answered.
+    seen = asked(stub)
+    assert {p: seen[p] for p in faults} == {p: len(f) for p, f in faults.items()}
+    assert all(seen[f"prompt-{i}"] == 1 for i in range(7, 60))
+    assert stats.calls.retries == sum(len(f) - 1 for f in faults.values())
+
+    # Retry-After honoured, and by everyone: nothing reached the stub during the pause.
+    log = stub.requests()
+    for prompt in ("prompt-1", "prompt-6"):
+        first, second = (e["t"] for e in log if e["prompt"] == prompt)
+        assert second - first >= 1.0
+        assert not [e for e in log if first + 0.2 < e["t"] < first + 0.95]
+
+    # 1200 requests/minute: never more than 20 in any one-second window, at the server.
+    assert stub.max_in_window(1.0) <= 20
+    assert all(e["auth"] for e in log)
+    assert API_KEY not in caplog.text
+
+
+def test_changed_sampling_is_a_new_key_and_more_samples_ask_only_for_the_new_ones(s3, stub, env, tmp_path):
+    job = Job(s3, stub, tmp_path, prompts(6))
+    generate.run(job.config)
+    assert sum(asked(stub).values()) == 6
+
+    stub.reset()
+    job.doc["teacher"]["sampling"]["temperature"] = 0.7
+    generate.run(job.config)
+    assert sum(asked(stub).values()) == 6  # another teacher setting: asked again
+
+    stub.reset()
+    job.doc["teacher"]["sampling"]["temperature"] = 0
+    job.doc["teacher"]["sampling"]["n"] = 2
+    result, _ = generate.run(job.config)
+    assert sorted(e["n"] for e in stub.requests()) == [1] * 6  # sample 1 only; sample 0 was stored
+    assert (result.examples, result.reused, result.requested) == (12, 6, 6)
+
+    stub.reset()
+    result, _ = generate.run(job.config)
+    assert stub.requests() == []
+    assert (result.examples, result.requested) == (12, 0)
+
+
+def test_wrong_api_key_stops_the_stage_without_leaking_it(s3, stub, env, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("KUBEDISTILL_TEACHER_API_KEY", "sk-wrong-9876543210")
+    job = Job(s3, stub, tmp_path, prompts(40))
+    with pytest.raises(common.WorkerError) as err:
+        generate.run(job.config)
+    assert "HTTP 401" in str(err.value) and "API key" in str(err.value)
+    assert "9876543210" not in str(err.value) + caplog.text
+    assert len(stub.requests()) <= 8  # the requests already in flight, not the whole prompt set
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_too_many_failures_fail_with_one_line_reason_then_a_rerun_asks_only_those(s3, stub, env, tmp_path):
+    stub.script({f"prompt-{i}": ["500"] * 2 for i in range(3)})
+    job = Job(s3, stub, tmp_path, prompts(12), maxFailureFraction=0.2, teacher={"endpoint": {"maxRetries": 1}})
+    proc = job.cli(env)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == common.EXIT_FAILED, out
+    reason = Path(env["KUBEDISTILL_TERMINATION_LOG"]).read_text()
+    assert "\n" not in reason
+    assert reason.startswith("the teacher failed for 3 of 12 prompts (25.0% > maxFailureFraction 20.0%)")
+    assert "HTTP 500" in reason
+    assert not job.exists("run/dataset/manifest.json")
+    assert sorted((f.kind, f.id) for f in job.failures()) == [("failed", "p0"), ("failed", "p1"), ("failed", "p2")]
+
+    stub.reset()  # the teacher has recovered
+    proc = job.cli(env)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert asked(stub) == Counter({f"prompt-{i}": 1 for i in range(3)})
+    summary = json.loads(Path(env["KUBEDISTILL_TERMINATION_LOG"]).read_text())
+    assert (summary["examples"], summary["requested"], summary["reused"], summary["failed"]) == (12, 3, 9, 0)
+
+
+def test_failures_within_the_fraction_are_reported_not_fatal(s3, stub, env, tmp_path):
+    stub.script({"prompt-0": ["400"]})
+    job = Job(s3, stub, tmp_path, prompts(20), maxFailureFraction=0.1)
+    result, _ = generate.run(job.config)
+    assert (result.examples, result.failed) == (19, 1)
+    (failure,) = job.failures()
+    assert (failure.kind, failure.id, failure.key) == ("failed", "p0", job.key_of("prompt-0"))
+    assert failure.reason.startswith("HTTP 400") and "after 1 attempt" in failure.reason
+    assert asked(stub)["prompt-0"] == 1  # a 400 is not retried
+
+
+def test_no_usable_prompt_is_a_clear_failure(s3, stub, env, tmp_path):
+    job = Job(s3, stub, tmp_path, [b"nope", b"[1, 2]"])
+    with pytest.raises(common.WorkerError, match=r"no usable prompts.*2 malformed"):
+        generate.run(job.config)
+
+
+# --------------------------------------------------------------------------- kill and resume
+
+
+def _wait_for_stored(job: Job, proc: subprocess.Popen[str], at_least: int, timeout: float = 60) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"worker ended early:\n{proc.stdout.read() if proc.stdout else ''}"
+        stored = len(job.stored_keys())
+        if stored >= at_least:
+            return stored
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {at_least} answers stored after {timeout}s")
+
+
+def test_sigkill_mid_run_then_resume_never_asks_twice(s3, stub, env, tmp_path):
+    total = 300
+    stub.script({}, latency=0.05)
+    job = Job(
+        s3,
+        stub,
+        tmp_path,
+        prompts(total),
+        flushEvery=20,
+        flushSeconds=0.25,
+        teacher={"endpoint": {"maxConcurrency": 4}},
+    )
+    proc = job.cli(env)
+    try:
+        _wait_for_stored(job, proc, at_least=60)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+    stored = job.stored_keys()
+    first_run = asked(stub)
+    assert 60 <= len(stored) < total, "the kill must land mid-run"
+    assert all(n == 1 for n in first_run.values())
+    by_key = {job.key_of(f"prompt-{i}"): f"prompt-{i}" for i in range(total)}
+    stored_prompts = {by_key[k] for k in stored}
+    lost = set(first_run) - stored_prompts  # asked, answered or in flight, not yet flushed at the kill
+
+    stub.reset()
+    proc = job.cli(env)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    second_run = asked(stub)
+    assert not stored_prompts & set(second_run), "a stored answer was asked for again"
+    assert all(n == 1 for n in second_run.values())
+    assert set(second_run) | stored_prompts == {f"prompt-{i}" for i in range(total)}
+    assert lost <= set(second_run)
+    records = job.records()
+    assert len(records) == total == len({r.key for r in records})
+    print(f"\nSIGKILL after {len(stored)} stored answers; re-asked (in flight or unflushed at the kill): {len(lost)}")
+
+    stub.reset()
+    proc = job.cli(env)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert stub.requests() == [], "a full re-run must not ask the teacher anything"
+    summary = json.loads(Path(env["KUBEDISTILL_TERMINATION_LOG"]).read_text())
+    assert (summary["requested"], summary["reused"], summary["examples"]) == (0, total, total)
+    assert summary["digest"] == job.manifest().digest
+
+
+def test_sigterm_stores_every_answer_received_and_exits_preempted(s3, stub, env, tmp_path):
+    total = 300
+    stub.script({}, latency=0.05)
+    job = Job(
+        s3,
+        stub,
+        tmp_path,
+        prompts(total),
+        flushEvery=1000,
+        flushSeconds=60,
+        teacher={"endpoint": {"maxConcurrency": 4}},
+    )
+    proc = job.cli(env)
+    deadline = time.monotonic() + 60
+    while len(stub.requests()) < 40:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == common.EXIT_PREEMPTED, out
+    assert Path(env["KUBEDISTILL_TERMINATION_LOG"]).read_text().startswith("Preempted: SIGTERM")
+    # Nothing was flushed on its own (60 s / 1000 answers): what is stored was flushed at SIGTERM,
+    # and it is everything the teacher answered, the requests in flight included.
+    answered = {e["prompt"] for e in stub.requests() if e["fault"] == "ok"}
+    by_key = {job.key_of(f"prompt-{i}"): f"prompt-{i}" for i in range(total)}
+    assert {by_key[k] for k in job.stored_keys()} == answered
+    assert len(answered) < total
