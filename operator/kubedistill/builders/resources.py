@@ -1,0 +1,82 @@
+"""Pod-level building blocks shared by stage Jobs and serving Deployments: security, quantities, volumes."""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+from typing import Any
+
+from kubedistill.api.v1alpha1 import QUANTITY_PATTERN, SecretKeyRef, StorageSpec, Toleration
+from kubedistill.builders.settings import OperatorSettings
+
+_QUANTITY = re.compile(QUANTITY_PATTERN)
+_SPLIT = re.compile(r"^([+]?[0-9.]+)(.*)$")
+
+AWS_KEY_ID_ENV = "AWS_ACCESS_KEY_ID"
+AWS_SECRET_ENV = "AWS_SECRET_ACCESS_KEY"
+
+
+def scale_quantity(quantity: str, factor: int) -> str:
+    """``"12"`` x 8 -> ``"96"``, ``"120Gi"`` x 2 -> ``"240Gi"`` (same suffix; exponents are left alone)."""
+    if factor == 1 or not _QUANTITY.match(quantity):
+        return quantity
+    match = _SPLIT.match(quantity)
+    if match is None or "e" in match.group(2).lower():
+        return quantity
+    number = Decimal(match.group(1)) * factor
+    text = format(number.normalize(), "f")
+    return f"{text}{match.group(2)}"
+
+
+def pod_security_context(settings: OperatorSettings) -> dict[str, Any]:
+    """Pod-level half of the `restricted` Pod Security Standard."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": settings.security.run_as_user,
+        "runAsGroup": settings.security.run_as_group,
+        "fsGroup": settings.security.fs_group,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context(settings: OperatorSettings) -> dict[str, Any]:
+    """Container-level half: no privilege escalation, every capability dropped."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": settings.security.run_as_user,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def tolerations(items: list[Toleration]) -> list[dict[str, Any]]:
+    return [t.to_wire() for t in items]
+
+
+def secret_env(name: str, ref: SecretKeyRef) -> dict[str, Any]:
+    """An environment variable read from a Secret key: the only way a secret reaches a pod."""
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+
+
+def storage_env(storage: StorageSpec) -> list[dict[str, Any]]:
+    """S3 credentials from the storage Secret (none: workload identity / instance role)."""
+    ref = storage.credentials_secret_ref
+    if ref is None:
+        return []
+    return [
+        secret_env(AWS_KEY_ID_ENV, SecretKeyRef(name=ref.name, key=AWS_KEY_ID_ENV)),
+        secret_env(AWS_SECRET_ENV, SecretKeyRef(name=ref.name, key=AWS_SECRET_ENV)),
+    ]
+
+
+def shm_volume(size: str) -> dict[str, Any]:
+    """A memory-backed /dev/shm: NCCL and dataloader workers need far more than the runtime's 64Mi."""
+    return {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": size}}
+
+
+SHM_MOUNT: dict[str, Any] = {"name": "dshm", "mountPath": "/dev/shm"}
+
+
+def image_pull_secrets(settings: OperatorSettings) -> list[dict[str, str]]:
+    return [{"name": name} for name in settings.image_pull_secrets]

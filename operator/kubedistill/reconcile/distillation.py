@@ -1,0 +1,439 @@
+"""DistillationJob decisions: (the CR, what exists) -> what to create, delete, publish, and the new status.
+
+Level-based: nothing here remembers anything between calls. The current run is the
+stage keys of the spec (reconcile/keys.py); each stage is *done* when the status records
+its result under the Job name of the current key, *running* when that Job exists and has
+not finished, and *to start* when its upstream is done and its Job does not exist. So
+calling this twice, or after an operator restart, or after a spec edit, always lands on
+the same answer, and a stage whose key did not change is never started again.
+
+A decision may ask for more observation first (``need_terminations``: the pods of a
+finished Job, read once to get the worker's termination message; ``need_model``: whether
+the DistilledModel to publish exists and who published it). The orchestrator fetches
+those and decides again.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubedistill.api import conditions as c
+from kubedistill.api.conditions import JobPhase, Reason, StagePhase
+from kubedistill.api.v1alpha1 import (
+    DIGEST_PATTERN,
+    Condition,
+    DatasetStatus,
+    DistillationJob,
+    DistillationJobStatus,
+    EvaluationStatus,
+    ModelArtifact,
+    StagesStatus,
+    StageStatus,
+)
+from kubedistill.api.worker_config import EvaluateResult, GenerateResult, TrainResult
+from kubedistill.builders.plan import STAGES, RunPlan, Stage
+from kubedistill.builders.publish import build_distilled_model
+from kubedistill.builders.settings import OperatorSettings
+from kubedistill.builders.stages import build_stage_children
+from kubedistill.reconcile.observe import ObservedJob, Termination, parse_result
+from kubedistill.reconcile.status import NORMAL, WARNING, EventSpec, apply_conditions, clip, condition
+
+_DIGEST = re.compile(DIGEST_PATTERN)
+STAGE_PHASE: dict[Stage, JobPhase] = {
+    "generate": JobPhase.GENERATING,
+    "train": JobPhase.TRAINING,
+    "evaluate": JobPhase.EVALUATING,
+}
+
+
+@dataclass(frozen=True)
+class ModelObservation:
+    """The DistilledModel ``spec.output.model.name`` as found in the namespace."""
+
+    exists: bool
+    published_by: str | None = None
+
+
+@dataclass(frozen=True)
+class JobObservation:
+    """What exists of one DistillationJob's children."""
+
+    jobs: Mapping[str, ObservedJob]  # its stage Jobs (owned by it), by name
+    terminations: Mapping[str, Termination | None] = field(default_factory=dict)  # fetched, by Job name
+    model: ModelObservation | None = None  # None: not looked up
+
+
+@dataclass
+class JobDecision:
+    """What to do now. Complete unless it asks for more observation first."""
+
+    status: DistillationJobStatus
+    create: list[dict[str, Any]] = field(default_factory=list)
+    delete_jobs: list[str] = field(default_factory=list)
+    publish: dict[str, Any] | None = None
+    events: list[EventSpec] = field(default_factory=list)
+    need_terminations: list[str] = field(default_factory=list)
+    need_model: bool = False
+
+    @property
+    def complete(self) -> bool:
+        return not self.need_terminations and not self.need_model
+
+
+@dataclass
+class _Walk:
+    """Accumulates one pass over the stages."""
+
+    stages: dict[Stage, StageStatus | None] = field(default_factory=dict)
+    conditions: list[Condition] = field(default_factory=list)
+    dataset: DatasetStatus | None = None
+    model: ModelArtifact | None = None
+    evaluation: EvaluationStatus | None = None
+    adapter: bool = False
+    blocked_at: Stage | None = None  # the first stage that is not done
+    failure: tuple[str, str] | None = None  # (reason, message) of a run that stopped
+
+
+def _stage_summary(stage: Stage, status: StageStatus, walk: _Walk) -> str:
+    if stage == "generate" and walk.dataset is not None:
+        examples = "?" if walk.dataset.examples is None else walk.dataset.examples
+        return f"dataset {walk.dataset.uri} ({examples} examples)"
+    if stage == "train" and walk.model is not None:
+        return f"model {walk.model.uri}"
+    if stage == "evaluate" and walk.evaluation is not None and walk.evaluation.teacher_agreement is not None:
+        return f"teacher agreement {walk.evaluation.teacher_agreement:.4f}"
+    return f"Job {status.job} succeeded"
+
+
+def _record_result(plan: RunPlan, stage: Stage, result: Any, walk: _Walk) -> None:
+    """Fold a stage's result (None when the worker reported none) into the run's summaries."""
+    if stage == "generate":
+        r = result if isinstance(result, GenerateResult) else None
+        walk.dataset = DatasetStatus(
+            uri=plan.dataset_uri,
+            examples=r.examples if r else None,
+            train_examples=r.train if r else None,
+            eval_examples=r.eval if r else None,
+            digest=r.digest if r else None,
+        )
+    elif stage == "train":
+        t = result if isinstance(result, TrainResult) else None
+        digest = t.digest if t and _DIGEST.match(t.digest) else None
+        walk.model = ModelArtifact(uri=plan.model_uri, digest=digest)
+        walk.adapter = (
+            bool(t.adapter)
+            if t
+            else (plan.job.spec.student.method == "lora" and plan.job.spec.student.export == "adapter")
+        )
+    elif isinstance(result, EvaluateResult):
+        gate = plan.job.spec.evaluation.min_teacher_agreement
+        walk.evaluation = EvaluationStatus(
+            teacher_agreement=result.teacher_agreement,
+            metrics=dict(result.metrics),
+            passed=result.teacher_agreement >= gate,
+            examples=result.examples,
+            report_uri=result.report_uri,
+        )
+
+
+def _carry_summaries(old: DistillationJobStatus, stage: Stage, walk: _Walk, plan: RunPlan) -> None:
+    """A stage done earlier keeps the summary recorded when it finished."""
+    if stage == "generate":
+        walk.dataset = old.dataset or DatasetStatus(uri=plan.dataset_uri)
+    elif stage == "train":
+        walk.model = old.model or ModelArtifact(uri=plan.model_uri)
+        student = plan.job.spec.student
+        walk.adapter = student.method == "lora" and student.export == "adapter"
+    else:
+        walk.evaluation = old.evaluation
+
+
+def _walk_stages(
+    dj: DistillationJob, plan: RunPlan, settings: OperatorSettings, obs: JobObservation, now: str, decision: JobDecision
+) -> _Walk:
+    old = dj.status or DistillationJobStatus()
+    old_stages = old.stages or StagesStatus()
+    new_run = old.run_id != plan.run_id
+    generation = dj.metadata.generation
+    walk = _Walk()
+
+    def cond(stage: Stage, ok: bool, reason: str, message: str) -> None:
+        walk.conditions.append(condition(c.STAGE_CONDITIONS[stage], ok, reason, message, now, generation))
+
+    for stage in STAGES:
+        name = plan.job_name(stage)
+        old_stage: StageStatus | None = getattr(old_stages, stage)
+        prev = old_stage if old_stage is not None and old_stage.job == name else None
+        job = obs.jobs.get(name)
+        reset_reason = Reason.SPEC_CHANGED if new_run and old_stage is not None and prev is None else None
+
+        if walk.blocked_at is not None:
+            walk.stages[stage] = None
+            upstream = walk.blocked_at
+            cond(stage, False, reset_reason or Reason.STAGE_PENDING, f"waiting for the {upstream} stage")
+            continue
+
+        if prev is not None and prev.phase == StagePhase.SUCCEEDED:
+            walk.stages[stage] = prev
+            _carry_summaries(old, stage, walk, plan)
+            if stage == "evaluate" and walk.evaluation is not None and walk.evaluation.passed is False:
+                walk.failure = (Reason.QUALITY_GATE_FAILED, _gate_message(plan, walk.evaluation))
+                walk.blocked_at = stage
+                cond(stage, False, Reason.QUALITY_GATE_FAILED, walk.failure[1])
+                continue
+            existing = c.get_condition(old.conditions, c.STAGE_CONDITIONS[stage])
+            if new_run and old.run_id is not None:
+                cond(
+                    stage,
+                    True,
+                    Reason.ARTIFACT_REUSED,
+                    f"reused from an earlier run: {_stage_summary(stage, prev, walk)}",
+                )
+            elif existing is not None and existing.status == c.ConditionStatus.TRUE:
+                cond(stage, True, existing.reason, existing.message)
+            else:
+                cond(stage, True, Reason.STAGE_SUCCEEDED, _stage_summary(stage, prev, walk))
+            continue
+
+        walk.blocked_at = stage
+        if prev is not None and prev.phase == StagePhase.FAILED and job is not None and job.phase == StagePhase.FAILED:
+            # Recorded already: no need to read the pods again.
+            walk.stages[stage] = prev
+            message = prev.message or f"Job {name} failed"
+            walk.failure = (Reason.STAGE_FAILED, f"{stage} failed: {message}")
+            cond(stage, False, Reason.STAGE_FAILED, message)
+            continue
+
+        if job is None or job.deleting:
+            if job is None:
+                # Not there: start it (again, when someone deleted a failed Job to retry it).
+                decision.create.extend(build_stage_children(plan, stage, settings))
+                message = f"Job {name} is waiting for its pods"
+            else:
+                message = f"waiting for the old Job {name} to be deleted"
+            walk.stages[stage] = StageStatus(job=name, phase=StagePhase.PENDING)
+            cond(stage, False, reset_reason or Reason.STAGE_PENDING, message)
+            continue
+
+        if job.phase in (StagePhase.PENDING, StagePhase.RUNNING):
+            walk.stages[stage] = StageStatus(job=name, phase=job.phase, start_time=job.start_time)
+            if job.phase == StagePhase.RUNNING:
+                cond(stage, False, Reason.STAGE_RUNNING, f"Job {name} is running")
+            else:
+                cond(stage, False, reset_reason or Reason.STAGE_PENDING, f"Job {name} is waiting for its pods")
+            continue
+
+        if name not in obs.terminations:
+            decision.need_terminations.append(name)
+            walk.stages[stage] = prev or StageStatus(job=name, phase=StagePhase.RUNNING, start_time=job.start_time)
+            continue
+        termination = obs.terminations[name]
+        reported = termination.message if termination else None
+
+        if job.phase == StagePhase.FAILED:
+            reason = clip(reported or job.message or f"Job {name} failed ({job.reason or 'unknown reason'})")
+            walk.stages[stage] = StageStatus(
+                job=name, phase=StagePhase.FAILED, start_time=job.start_time,
+                completion_time=job.completion_time, message=reason,
+            )  # fmt: skip
+            walk.failure = (Reason.STAGE_FAILED, f"{stage} failed: {reason}")
+            cond(stage, False, Reason.STAGE_FAILED, reason)
+            continue
+
+        # Succeeded.
+        result = parse_result(stage, reported)
+        done = StageStatus(
+            job=name, phase=StagePhase.SUCCEEDED, start_time=job.start_time,
+            completion_time=job.completion_time or now, progress=1.0,
+        )  # fmt: skip
+        if stage == "evaluate" and result is None:
+            problem = clip(f"evaluate finished without a result in its termination message ({reported or 'empty'})")
+            walk.stages[stage] = done.model_copy(update={"phase": StagePhase.FAILED, "message": problem})
+            walk.failure = (Reason.STAGE_FAILED, problem)
+            cond(stage, False, Reason.STAGE_FAILED, problem)
+            continue
+        if result is None and reported:
+            done = done.model_copy(update={"message": clip(f"unreadable result: {reported}")})
+        walk.stages[stage] = done
+        _record_result(plan, stage, result, walk)
+        if stage == "evaluate" and walk.evaluation is not None and walk.evaluation.passed is False:
+            walk.failure = (Reason.QUALITY_GATE_FAILED, _gate_message(plan, walk.evaluation))
+            cond(stage, False, Reason.QUALITY_GATE_FAILED, walk.failure[1])
+            continue
+        walk.blocked_at = None
+        cond(stage, True, Reason.STAGE_SUCCEEDED, _stage_summary(stage, done, walk))
+    return walk
+
+
+def _gate_message(plan: RunPlan, evaluation: EvaluationStatus) -> str:
+    gate = plan.job.spec.evaluation.min_teacher_agreement
+    return (
+        f"teacher agreement {evaluation.teacher_agreement:.4f} is below minTeacherAgreement {gate}: "
+        "the student is not published; improve the data or training and edit the spec to run again"
+    )
+
+
+def compute_job_decision(
+    dj: DistillationJob, plan: RunPlan, settings: OperatorSettings, obs: JobObservation, now: str
+) -> JobDecision:
+    """Everything to do for ``dj`` given what exists (``obs``), and its new status."""
+    old = dj.status or DistillationJobStatus()
+    new_run = old.run_id != plan.run_id
+    generation = dj.metadata.generation
+    decision = JobDecision(status=old)
+    walk = _walk_stages(dj, plan, settings, obs, now, decision)
+
+    # Jobs of an older run that are still running are wasting GPUs: stop them.
+    current = {plan.job_name(stage) for stage in STAGES}
+    decision.delete_jobs = sorted(
+        j.name for j in obs.jobs.values() if j.name not in current and not j.finished and not j.deleting
+    )
+
+    output = dj.spec.output.model
+    published = False
+    publish_condition: Condition
+    if walk.failure is not None or walk.blocked_at is not None:
+        publish_condition = condition(
+            c.PUBLISHED, False, Reason.STAGE_PENDING, "waiting for a successful evaluation", now, generation
+        )
+    elif not output.serve:
+        publish_condition = condition(
+            c.PUBLISHED, False, Reason.PUBLISH_DISABLED, "spec.output.model.serve is false", now, generation
+        )
+        published = True
+    elif not new_run and old.distilled_model == output.name and c.is_true(old.conditions, c.PUBLISHED):
+        existing = c.get_condition(old.conditions, c.PUBLISHED)
+        assert existing is not None
+        publish_condition = existing
+        published = True
+    elif obs.model is None:
+        decision.need_model = True
+        publish_condition = condition(c.PUBLISHED, False, Reason.STAGE_PENDING, "publishing", now, generation)
+    elif obs.model.exists and obs.model.published_by != plan.name:
+        owner = (
+            f"published by DistillationJob {obs.model.published_by}"
+            if obs.model.published_by
+            else "not published by a DistillationJob"
+        )
+        message = (
+            f"DistilledModel {output.name} already exists ({owner}); choose another spec.output.model.name "
+            "or delete that DistilledModel"
+        )
+        walk.failure = (Reason.MODEL_CONFLICT, message)
+        publish_condition = condition(c.PUBLISHED, False, Reason.MODEL_CONFLICT, message, now, generation)
+    else:
+        assert walk.model is not None
+        decision.publish = build_distilled_model(plan, walk.model, walk.adapter)
+        publish_condition = condition(
+            c.PUBLISHED, True, Reason.MODEL_PUBLISHED, f"DistilledModel {output.name} serves {walk.model.uri}",
+            now, generation,
+        )  # fmt: skip
+        published = True
+
+    if walk.failure is not None:
+        phase = JobPhase.FAILED
+    elif walk.blocked_at is not None:
+        phase = STAGE_PHASE[walk.blocked_at]
+    elif published:
+        phase = JobPhase.SUCCEEDED
+    else:
+        phase = JobPhase.PUBLISHING
+
+    run_conditions = _run_conditions(phase, walk, now, generation)
+    conditions = apply_conditions(old.conditions, [*walk.conditions, publish_condition, *run_conditions])
+
+    terminal = phase in (JobPhase.SUCCEEDED, JobPhase.FAILED)
+    completion = None
+    if terminal:
+        completion = old.completion_time if (not new_run and old.phase == phase and old.completion_time) else now
+    decision.status = DistillationJobStatus(
+        phase=phase,
+        observed_generation=generation,
+        conditions=conditions,
+        spec_hash=plan.keys.spec,
+        run_id=plan.run_id,
+        start_time=old.start_time if (not new_run and old.start_time) else now,
+        completion_time=completion,
+        teacher=dj.spec.teacher.model_name,
+        student=dj.spec.student.model,
+        stages=StagesStatus(
+            generate=walk.stages.get("generate"), train=walk.stages.get("train"), evaluate=walk.stages.get("evaluate")
+        ),
+        dataset=walk.dataset,
+        model=walk.model,
+        evaluation=walk.evaluation,
+        distilled_model=output.name if (published and output.serve) else (old.distilled_model if not new_run else None),
+    )
+    decision.events = _events(old, decision.status, walk, new_run, plan)
+    return decision
+
+
+def _run_conditions(phase: JobPhase, walk: _Walk, now: str, generation: int | None) -> list[Condition]:
+    if phase == JobPhase.SUCCEEDED:
+        reason, message = Reason.RUN_SUCCEEDED, "every stage succeeded"
+    elif walk.failure is not None:
+        reason, message = walk.failure
+    else:
+        stage = walk.blocked_at or "evaluate"
+        state = walk.stages.get(stage) if walk.blocked_at else None
+        running = state is not None and state.phase == StagePhase.RUNNING
+        reason = Reason.STAGE_RUNNING if running else Reason.STAGE_PENDING
+        message = f"the {stage} stage is {'running' if running else 'pending'}" if walk.blocked_at else "publishing"
+    failed = phase == JobPhase.FAILED
+    return [
+        condition(c.SUCCEEDED, phase == JobPhase.SUCCEEDED, reason, message, now, generation),
+        condition(c.FAILED, failed, reason, message, now, generation),
+    ]
+
+
+def _events(
+    old: DistillationJobStatus, new: DistillationJobStatus, walk: _Walk, new_run: bool, plan: RunPlan
+) -> list[EventSpec]:
+    """One Event per transition between ``old`` and ``new`` status."""
+    events: list[EventSpec] = []
+    if new_run and old.run_id is not None:
+        events.append(EventSpec(NORMAL, Reason.SPEC_CHANGED, f"the spec changed: run {plan.run_id} starts"))
+    old_stages = old.stages or StagesStatus()
+    new_stages = new.stages or StagesStatus()
+    for stage in STAGES:
+        before: StageStatus | None = getattr(old_stages, stage)
+        after: StageStatus | None = getattr(new_stages, stage)
+        if after is None:
+            continue
+        same_job = before is not None and before.job == after.job
+        if same_job and before is not None and before.phase == after.phase:
+            if new_run and after.phase == StagePhase.SUCCEEDED and old.run_id is not None:
+                events.append(
+                    EventSpec(NORMAL, Reason.ARTIFACT_REUSED, f"{stage}: {_stage_summary(stage, after, walk)} reused")
+                )
+            continue
+        if after.phase == StagePhase.PENDING:
+            if not same_job:
+                events.append(EventSpec(NORMAL, Reason.STAGE_PENDING, f"{stage}: created Job {after.job}"))
+        elif after.phase == StagePhase.RUNNING:
+            events.append(EventSpec(NORMAL, Reason.STAGE_RUNNING, f"{stage}: Job {after.job} is running"))
+        elif after.phase == StagePhase.SUCCEEDED:
+            events.append(EventSpec(NORMAL, Reason.STAGE_SUCCEEDED, f"{stage}: {_stage_summary(stage, after, walk)}"))
+        elif after.phase == StagePhase.FAILED:
+            events.append(EventSpec(WARNING, Reason.STAGE_FAILED, f"{stage}: {after.message or 'failed'}"))
+    if new.evaluation is not None and new.evaluation.passed is not None:
+        before_passed = old.evaluation.passed if (old.evaluation is not None and not new_run) else None
+        if before_passed != new.evaluation.passed:
+            if new.evaluation.passed:
+                agreement = new.evaluation.teacher_agreement or 0.0
+                events.append(EventSpec(NORMAL, Reason.QUALITY_GATE_PASSED, f"teacher agreement {agreement:.4f}"))
+            else:
+                events.append(EventSpec(WARNING, Reason.QUALITY_GATE_FAILED, _gate_message(plan, new.evaluation)))
+    published_before = c.is_true(old.conditions, c.PUBLISHED) and not new_run
+    if c.is_true(new.conditions, c.PUBLISHED) and not published_before:
+        condition_ = c.get_condition(new.conditions, c.PUBLISHED)
+        events.append(EventSpec(NORMAL, Reason.MODEL_PUBLISHED, condition_.message if condition_ else "published"))
+    if new.phase != old.phase or new_run:
+        if new.phase == JobPhase.SUCCEEDED:
+            events.append(EventSpec(NORMAL, Reason.RUN_SUCCEEDED, f"run {plan.run_id} succeeded"))
+        elif new.phase == JobPhase.FAILED and walk.failure is not None:
+            events.append(EventSpec(WARNING, Reason.RUN_FAILED, walk.failure[1]))
+    return events
