@@ -7,8 +7,13 @@ a cold build takes minutes, and this module builds on first use only as a fallba
 
 Session fixture (in a conftest.py):
 
-    from tests.support.s3 import s3_server
+    from tests.support.s3 import shared_s3_server
 
+    @pytest.fixture(scope="session")
+    def s3():
+        return shared_s3_server()      # one per process, however many fixtures ask for it
+
+    # or, owned by the fixture and stopped at its teardown:
     @pytest.fixture(scope="session")
     def s3(tmp_path_factory):
         yield from s3_server(tmp_path_factory.mktemp("s3"))
@@ -23,6 +28,7 @@ Session fixture (in a conftest.py):
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import itertools
@@ -199,6 +205,22 @@ class S3Server:
     @staticmethod
     def uri(bucket: str, key: str = "") -> str:
         return f"s3://{bucket}/{key}"
+
+
+_SHARED: S3Server | None = None
+
+
+def shared_s3_server() -> S3Server:
+    """One server per process, started on first call and stopped at interpreter exit.
+
+    Fixtures in different conftest files or test modules that call this get the same
+    server; isolate tests with `make_bucket()` (a fresh bucket each call).
+    """
+    global _SHARED
+    if _SHARED is None or _SHARED.proc is None or not _SHARED.proc.alive():
+        _SHARED = S3Server().start()
+        atexit.register(_SHARED.stop)
+    return _SHARED
 
 
 def s3_server(root: str | os.PathLike[str] | None = None) -> Iterator[S3Server]:
