@@ -79,6 +79,10 @@ class TrainConfig(ApiModel):
     dataset_uri: str = Field(description="Dataset prefix written by generate (manifest.json inside).")
     output_uri: str = Field(description="Prefix the exported model is uploaded to.")
     checkpoint_uri: str = Field(description="Prefix for checkpoints; a restarted run resumes from the newest one.")
+    keep_checkpoints: int = Field(
+        default=2, ge=1, le=100, description="Complete checkpoints kept under checkpoint_uri; older ones are deleted."
+    )
+    log_every_steps: int = Field(default=10, ge=1, description="Log loss, learning rate and tokens/s every N steps.")
     work_dir: str = Field(default="/tmp/kubedistill", description="Local scratch directory.")
     storage: StorageSettings = Field(default_factory=StorageSettings)
 
@@ -139,6 +143,22 @@ class TrainResult(ApiModel):
     train_loss: float | None = None
     tokens_per_second: float | None = None
     adapter: bool = Field(default=False, description="True when model_uri holds a LoRA adapter, not merged weights.")
+    tokens: int | None = Field(
+        default=None, description="Tokens (prompt + completion, no padding) trained on by this run."
+    )
+    train_seconds: float | None = Field(default=None, description="Wall time of this run's training loop.")
+    resumed_from_step: int | None = Field(default=None, description="Checkpoint step this run resumed from, if any.")
+
+
+class FetchResult(ApiModel):
+    """Summary of a finished fetch (serving init container)."""
+
+    model_uri: str
+    destination: str
+    digest: str = Field(description="sha256 over the fetched files (names and contents), as TrainResult.digest.")
+    files: int
+    bytes: int
+    reused: bool = Field(default=False, description="True when the destination already held this model.")
 
 
 class EvaluateResult(ApiModel):

@@ -1,0 +1,397 @@
+"""train: fine-tune the student on the teacher dataset with trl; export what vLLM serves.
+
+    kubedistill-worker train --config /etc/kubedistill/train.yaml
+
+    # several GPUs / nodes: what the operator runs (it sets the rendezvous env)
+    torchrun --nnodes $NODES --nproc_per_node 8 --node_rank $JOB_COMPLETION_INDEX \\
+        --rdzv_endpoint $MASTER_ADDR:29500 -m kubedistill.worker train --config /etc/kubedistill/train.yaml
+
+    # two CPU processes (gloo), as the tests do
+    python -m torch.distributed.run --nproc_per_node 2 -m kubedistill.worker train --config train.yaml
+
+    # train.yaml
+    student:
+      model: s3://models/qwen2.5-0.5b-instruct     # or a local path, or a hub id
+      method: lora                                 # or full
+      training: {epochs: 2, maxSeqLength: 1024, packing: true, checkpointEverySteps: 200}
+    datasetUri: s3://bucket/runs/abc/datasets/k1  # written by the generate worker
+    outputUri: s3://bucket/runs/abc/model
+    checkpointUri: s3://bucket/runs/abc/checkpoints
+    storage: {endpoint: http://minio:9000, addressingStyle: path}
+
+What happens, in order:
+
+1. Pre-flight, before any weight is loaded: the dataset is complete and not
+   empty, output and checkpoint URIs are writable, the tokenizer has a chat
+   template (or one is configured), tokenizer and model vocabularies agree,
+   maxSeqLength fits the model. Each failure is one clear line.
+2. If the output URI already holds this exact training (same fingerprint),
+   its result is returned: a re-run after a lost termination message is free.
+3. The student (``s3://`` prefixes are fetched once per node and verified) and
+   the dataset shards (verified against the manifest) come into ``workDir``.
+4. trl's ``SFTTrainer``: LoRA (peft) or full fine-tuning on the conversational
+   prompt-completion records, completion-only loss, optional packing, bf16 on
+   GPUs and fp32 on CPUs, resumed from the newest complete checkpoint in
+   ``checkpointUri`` when there is one.
+5. Checkpoints go to ``checkpointUri`` every ``checkpointEverySteps`` steps and
+   on SIGTERM, after which the worker exits 143 ("Preempted: ...").
+6. Export (rank 0): merged safetensors (or the adapter) + tokenizer + chat
+   template + ``kubedistill.json``, uploaded to ``outputUri``, marker last.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from kubedistill.api.worker_config import TrainConfig, TrainResult
+from kubedistill.storage.objectstore import ObjectStore, StorageError, join, open_store
+from kubedistill.worker import train_dist
+from kubedistill.worker.common import Preempted, WorkerError
+from kubedistill.worker.train_data import check_not_empty, load_train_records, read_manifest
+from kubedistill.worker.train_plan import (
+    ModelSource,
+    PlanError,
+    check_context,
+    check_export,
+    check_uris,
+    check_vocabulary,
+    choose_precision,
+    export_dtype_name,
+    load_dtype_name,
+    lora_arguments,
+    model_source,
+    sft_arguments,
+    training_fingerprint,
+)
+
+CONFIG = TrainConfig
+log = logging.getLogger("kubedistill.worker.train")
+
+
+def main(config: TrainConfig) -> dict[str, Any]:
+    from kubedistill.worker.train_callbacks import Preemption
+
+    preemption = Preemption()
+    preemption.install()
+    try:
+        return TrainRun(config, preemption).run()
+    except PlanError as err:
+        raise WorkerError(str(err)) from err
+    finally:
+        preemption.restore()
+
+
+def check_writable(store: ObjectStore, uri: str, what: str) -> None:
+    """Pre-flight: write and delete a small object under ``uri``."""
+    probe = join(uri, f".kubedistill-probe-{train_dist.rank()}-{os.getpid()}")
+    try:
+        store.put_bytes(probe, b"probe")
+        store.delete(probe)
+    except (StorageError, OSError) as err:
+        raise WorkerError(f"{what} {uri} is not writable: {err}") from err
+    except Exception as err:  # botocore errors from delete are not wrapped
+        raise WorkerError(f"{what} {uri} is not writable: {type(err).__name__}: {err}") from err
+
+
+class TrainRun:
+    """One attempt at training; a preempted attempt's successor picks up its checkpoint."""
+
+    def __init__(self, config: TrainConfig, preemption: Any) -> None:
+        self.config = config
+        self.student = config.student
+        self.training = config.student.training
+        self.preemption = preemption
+        self.work_dir = Path(config.work_dir)
+        self.dataset_store = open_store(config.dataset_uri, config.storage)
+        self.output_store = open_store(config.output_uri, config.storage)
+        self.checkpoint_store = open_store(config.checkpoint_uri, config.storage)
+
+    # ------------------------------------------------------------------ steps
+
+    def run(self) -> dict[str, Any]:
+        config = self.config
+        check_export(self.student)
+        check_uris(config.output_uri, config.checkpoint_uri, config.dataset_uri)
+        source = model_source(self.student.model)
+        manifest = read_manifest(self.dataset_store, config.dataset_uri)
+        check_not_empty(manifest, config.dataset_uri)
+        fingerprint = training_fingerprint(self.student, manifest.digest)
+
+        from kubedistill.worker.train_export import existing_export
+
+        done = existing_export(self.output_store, config.output_uri, fingerprint, self.student.export)
+        if done is not None:
+            return done.to_wire()
+        check_writable(self.output_store, config.output_uri, "output URI")
+        check_writable(self.checkpoint_store, config.checkpoint_uri, "checkpoint URI")
+
+        import datasets
+        import torch
+        import transformers
+        from accelerate import PartialState
+        from trl.trainer.sft_config import SFTConfig
+
+        # progress bars are noise in pod logs: the ProgressCallback logs lines
+        transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+        datasets.disable_progress_bars()
+
+        cuda = torch.cuda.is_available()
+        precision = choose_precision(self.training.precision, cuda, cuda and torch.cuda.is_bf16_supported())
+        run_dir = self.work_dir / f"run-{fingerprint[:16]}"
+        # Building the arguments initialises the process group under torchrun (gloo on CPU, NCCL on GPU).
+        args = SFTConfig(**sft_arguments(config, precision, str(run_dir / "checkpoints"), cuda))
+        state = PartialState()
+        log.info(
+            "train: rank %d/%d, device %s, precision %s, method %s, fingerprint %s",
+            state.process_index,
+            state.num_processes,
+            state.device,
+            precision,
+            self.student.method,
+            fingerprint[:12],
+        )
+
+        with state.local_main_process_first():
+            model_path, base_digest = self.student_files(source)
+        tokenizer = self.load_tokenizer(model_path)
+        self.check_model_config(model_path, tokenizer)
+
+        from datasets import Dataset
+
+        with state.local_main_process_first():
+            records = load_train_records(self.dataset_store, config.dataset_uri, manifest, run_dir / "dataset")
+        dataset = Dataset.from_list(records)
+
+        from kubedistill.worker.train_checkpoint import CheckpointStore
+
+        checkpoints = CheckpointStore(
+            self.checkpoint_store, config.checkpoint_uri, fingerprint, config.keep_checkpoints
+        )
+        resume_dir = self.resume_checkpoint(checkpoints, run_dir, state)
+
+        model = self.load_model(model_path, tokenizer, precision)
+        trainer, checkpoint_cb, progress_cb = self.build_trainer(model, tokenizer, args, dataset, checkpoints)
+
+        self.preemption.in_training = True
+        output = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+        self.preemption.in_training = False
+        if checkpoint_cb.preempted_at is not None:
+            train_dist.barrier()
+            raise Preempted(checkpoint_cb.preempted_message())
+
+        tokens = int(getattr(trainer, "_total_train_tokens", 0) or progress_cb.last_logs.get("num_tokens", 0))
+        seconds = float(output.metrics.get("train_runtime", 0.0))
+        metrics = {
+            "train_loss": float(output.training_loss),
+            "train_seconds": seconds,
+            "tokens": tokens,
+            "tokens_per_second": tokens / seconds if seconds > 0 else None,
+            "mean_token_accuracy": progress_cb.last_logs.get("mean_token_accuracy"),
+            "global_step": trainer.state.global_step,
+        }
+        log.info(
+            "training done: step %d, loss %.4f, %d tokens in %.1fs (%.0f tokens/s)",
+            trainer.state.global_step,
+            metrics["train_loss"],
+            tokens,
+            seconds,
+            metrics["tokens_per_second"] or 0.0,
+        )
+        result: dict[str, Any] | None = None
+        error: str | None = None
+        if state.is_main_process:
+            try:
+                metrics["resumed_from_step"] = int(resume_dir.name.split("-")[-1]) if resume_dir else None
+                result = self.export(
+                    trainer, tokenizer, precision, run_dir, fingerprint, manifest, base_digest, metrics
+                )
+            except WorkerError as err:
+                error = str(err)
+        result, error = train_dist.broadcast((result, error))
+        if error:
+            raise WorkerError(error)
+        assert result is not None
+        return result
+
+    # ------------------------------------------------------------------ pieces
+
+    def student_files(self, source: ModelSource) -> tuple[str, str | None]:
+        """A local directory (or hub id) holding the student, and its digest when fetched from S3."""
+        if source.kind == "s3":
+            import hashlib
+
+            from kubedistill.worker.fetch import fetch_model
+
+            key = hashlib.sha256(source.location.encode()).hexdigest()[:16]
+            store = open_store(source.location, self.config.storage)
+            fetched = fetch_model(store, source.location, self.work_dir / "models" / key)
+            return str(fetched.path), fetched.digest
+        if source.kind == "local":
+            path = Path(source.location).expanduser()
+            if not (path / "config.json").is_file():
+                raise WorkerError(f"student model {self.student.model}: no config.json in {path}")
+            return str(path), None
+        return source.location, None
+
+    def load_tokenizer(self, model_path: str) -> Any:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_path)
+        except Exception as err:
+            raise WorkerError(f"cannot load the student's tokenizer from {self.student.model}: {err}") from err
+        if self.student.chat_template:
+            tokenizer.chat_template = self.student.chat_template
+        if not getattr(tokenizer, "chat_template", None):
+            raise WorkerError(
+                f"the student's tokenizer ({self.student.model}) has no chat template: "
+                "set spec.student.chatTemplate or use an instruct/chat model"
+            )
+        return tokenizer
+
+    def check_model_config(self, model_path: str, tokenizer: Any) -> None:
+        from transformers import AutoConfig
+
+        try:
+            model_config = AutoConfig.from_pretrained(model_path)
+        except Exception as err:
+            raise WorkerError(f"cannot load the student's config from {self.student.model}: {err}") from err
+        text_config = model_config.get_text_config()
+        check_context(self.training.max_seq_length, getattr(text_config, "max_position_embeddings", None))
+        check_vocabulary(
+            len(tokenizer),
+            int(text_config.vocab_size),
+            {
+                "eos_token_id": tokenizer.eos_token_id,
+                "pad_token_id": tokenizer.pad_token_id,
+                "bos_token_id": tokenizer.bos_token_id,
+            },
+        )
+
+    def resume_checkpoint(self, checkpoints: Any, run_dir: Path, state: Any) -> Path | None:
+        latest = checkpoints.latest()
+        if latest is None:
+            log.info("no checkpoint of this run in %s: starting at step 0", self.config.checkpoint_uri)
+            return None
+        dest = run_dir / "resume" / f"checkpoint-{latest.step}"
+        with state.local_main_process_first():
+            if state.is_local_main_process:
+                checkpoints.download(latest, dest)
+        log.info("resuming from checkpoint step %d (%s)", latest.step, latest.uri)
+        return dest
+
+    def load_model(self, model_path: str, tokenizer: Any, precision: Any) -> Any:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        dtype = getattr(torch, load_dtype_name(precision, self.student.method))
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        except Exception as err:
+            raise WorkerError(f"cannot load the student model {self.student.model}: {err}") from err
+        # the config's vocab_size was checked already; the weights are what counts
+        rows = int(model.get_input_embeddings().weight.shape[0])  # type: ignore[index]
+        check_vocabulary(len(tokenizer), rows, {})
+        return model
+
+    def build_trainer(
+        self, model: Any, tokenizer: Any, args: Any, dataset: Any, checkpoints: Any
+    ) -> tuple[Any, Any, Any]:
+        from trl.trainer.sft_trainer import SFTTrainer
+
+        from kubedistill.worker.train_callbacks import CheckpointCallback, ProgressCallback
+
+        peft_config = None
+        if self.student.method == "lora":
+            from peft import LoraConfig
+
+            peft_config = LoraConfig(**lora_arguments(self.student.lora))
+        checkpoint_cb = CheckpointCallback(checkpoints, self.preemption)
+        progress_cb = ProgressCallback()
+        try:
+            trainer = SFTTrainer(
+                model=model,
+                args=args,
+                train_dataset=dataset,
+                processing_class=tokenizer,
+                peft_config=peft_config,
+                callbacks=[checkpoint_cb, progress_cb],
+            )
+        except ValueError as err:
+            if "Target modules" in str(err) or "target_modules" in str(err):
+                raise WorkerError(
+                    f"lora.targetModules {self.student.lora.target_modules} match no module of the student: {err}"
+                ) from err
+            raise
+        # our ProgressCallback logs one line per logging step; the Trainer's printer would repeat it as a dict
+        from transformers import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+        if len(trainer.train_dataset) == 0:  # type: ignore[arg-type]
+            raise WorkerError(
+                f"no training example fits training.maxSeqLength {self.training.max_seq_length}: "
+                "every prompt fills it, leaving no completion token to learn"
+            )
+        return trainer, checkpoint_cb, progress_cb
+
+    def export(
+        self,
+        trainer: Any,
+        tokenizer: Any,
+        precision: Any,
+        run_dir: Path,
+        fingerprint: str,
+        manifest: Any,
+        base_digest: str | None,
+        metrics: dict[str, Any],
+    ) -> dict[str, Any]:
+        import shutil
+
+        import peft
+        import torch
+        import transformers
+        import trl
+
+        from kubedistill.worker.train_export import publish, save_export, write_metadata
+
+        dest = run_dir / "export"
+        if dest.exists():
+            shutil.rmtree(dest)
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        adapter = save_export(model, tokenizer, self.config, export_dtype_name(precision), dest)
+        _, digest = write_metadata(
+            dest,
+            base_model=self.student.model,
+            base_model_digest=base_digest,
+            method=self.student.method,
+            export="adapter" if adapter else "merged",
+            dtype=export_dtype_name(precision),
+            dataset_uri=self.config.dataset_uri,
+            dataset_digest=manifest.digest,
+            teacher_model=manifest.teacher_model,
+            fingerprint=fingerprint,
+            global_step=metrics["global_step"],
+            trainer_config=self.student.to_wire(),
+            metrics=metrics,
+            versions={
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "trl": trl.__version__,
+                "peft": peft.__version__,
+            },
+        )
+        publish(self.output_store, dest, self.config.output_uri)
+        return TrainResult(
+            model_uri=self.config.output_uri,
+            digest=digest,
+            global_step=metrics["global_step"],
+            train_loss=metrics["train_loss"],
+            tokens_per_second=metrics["tokens_per_second"],
+            adapter=adapter,
+            tokens=metrics["tokens"],
+            train_seconds=round(metrics["train_seconds"], 3),
+            resumed_from_step=metrics["resumed_from_step"],
+        ).to_wire()

@@ -1,0 +1,157 @@
+"""Teacher datasets written exactly as the generate worker writes them (kubedistill.api.dataset).
+
+    from tests.support.datasets import write_dataset, copy_task
+
+    examples = copy_task(400, seed=0)                    # [(prompt, answer)], answers set by the prompt
+    manifest = write_dataset(store, "s3://bucket/ds", examples, eval_examples=examples[:20])
+
+Used by tests that need a dataset without running a teacher, and by the train
+throughput bench. Shards are JSONL of DatasetRecord, ``manifest.json`` is
+written last; the digest is sha256 over the shard digests in order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from kubedistill.api.dataset import (
+    MANIFEST_NAME,
+    SHARDS_DIR,
+    DatasetCounts,
+    DatasetManifest,
+    DatasetRecord,
+    Message,
+    ShardInfo,
+    Split,
+    dataset_digest,
+)
+from kubedistill.storage.objectstore import ObjectStore, join
+
+Prompt = str | Sequence[dict[str, str]]
+Example = tuple[Prompt, str]
+
+
+def _messages(prompt: Prompt, system: str | None) -> list[Message]:
+    if isinstance(prompt, str):
+        msgs = [Message(role="user", content=prompt)]
+    else:
+        msgs = [Message.model_validate(m) for m in prompt]
+    if system:
+        msgs.insert(0, Message(role="system", content=system))
+    return msgs
+
+
+def make_records(examples: Sequence[Example], split: Split, system: str | None = None) -> list[DatasetRecord]:
+    out = []
+    for i, (prompt, answer) in enumerate(examples):
+        msgs = _messages(prompt, system)
+        key = hashlib.sha256(f"{split}|{i}|{[m.content for m in msgs]}|{answer}".encode()).hexdigest()
+        out.append(
+            DatasetRecord(
+                key=key,
+                id=f"{split}-{i}",
+                split=split,
+                prompt=msgs,
+                completion=[Message(role="assistant", content=answer)],
+                finish_reason="stop",
+            )
+        )
+    return out
+
+
+def write_dataset(
+    store: ObjectStore,
+    uri: str,
+    examples: Sequence[Example],
+    *,
+    eval_examples: Sequence[Example] = (),
+    system: str | None = None,
+    shard_size: int = 1000,
+    teacher_model: str = "test-teacher",
+    write_manifest: bool = True,
+) -> DatasetManifest:
+    """Write shards + manifest under ``uri``; returns the manifest."""
+    shards: list[ShardInfo] = []
+    for split, items in (("train", examples), ("eval", eval_examples)):
+        records = make_records(items, split, system)  # type: ignore[arg-type]
+        for index, start in enumerate(range(0, len(records), shard_size)):
+            chunk = records[start : start + shard_size]
+            body = "".join(r.model_dump_json(by_alias=True, exclude_none=True) + "\n" for r in chunk).encode()
+            path = f"{SHARDS_DIR}/{split}-{index:05d}.jsonl"
+            store.put_bytes(join(uri, path), body, "application/x-ndjson")
+            shards.append(
+                ShardInfo(path=path, split=split, records=len(chunk), sha256=hashlib.sha256(body).hexdigest())
+            )  # type: ignore[arg-type]
+    digest = dataset_digest(shards)
+    manifest = DatasetManifest(
+        dataset_key=digest[:16],
+        teacher_model=teacher_model,
+        shards=shards,
+        counts=DatasetCounts(prompts=len(examples) + len(eval_examples), train=len(examples), eval=len(eval_examples)),
+        digest=digest,
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+    if write_manifest:
+        store.put_bytes(join(uri, MANIFEST_NAME), manifest.model_dump_json(by_alias=True).encode(), "application/json")
+    return manifest
+
+
+# --------------------------------------------------------------------------- synthetic tasks
+
+TASK_WORDS = [
+    *("red", "blue", "green", "black", "white", "pink", "gray", "gold"),
+    *("cat", "dog", "fox", "owl", "bee", "cow", "pig", "rat"),
+    *("sun", "moon", "star", "sky", "sea", "rain", "snow", "wind"),
+]
+
+
+def copy_task(n: int, seed: int = 0, length: int = 3, words: Sequence[str] = TASK_WORDS) -> list[Example]:
+    """ "repeat: w1 w2 w3" -> "w1 w2 w3": the answer is fully determined by the prompt."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        seq = " ".join(rng.choice(words) for _ in range(length))
+        out.append((f"repeat: {seq}", seq))
+    return out
+
+
+def reverse_task(n: int, seed: int = 0, length: int = 3, words: Sequence[str] = TASK_WORDS) -> list[Example]:
+    """ "reverse: a b c" -> "c b a"."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        seq = [rng.choice(words) for _ in range(length)]
+        out.append((f"reverse: {' '.join(seq)}", " ".join(reversed(seq))))
+    return out
+
+
+def skewed_lengths_task(n: int, seed: int = 0, words: Sequence[str] = TASK_WORDS) -> list[Example]:
+    """Length-skewed data: most answers are a few words, one in ten is ~30x longer (packing's use case)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        length = rng.randint(60, 120) if rng.random() < 0.1 else rng.randint(1, 4)
+        seq = " ".join(rng.choice(words) for _ in range(length))
+        out.append((f"repeat: {seq}", seq))
+    return out
+
+
+def task_corpus(words: Sequence[str] = TASK_WORDS) -> list[str]:
+    """Tokenizer training text that makes each task word (and the task verbs) one token."""
+    base = [" ".join(words), "repeat: reverse: answer question"]
+    return base * 50 + [f"repeat: {w} {v}" for w in words for v in words]
+
+
+def trl_rows(examples: Sequence[Example], system: str | None = None) -> list[dict[str, Any]]:
+    """The same examples as plain trl prompt-completion rows (for trl's own scripts)."""
+    return [
+        {
+            "prompt": [m.model_dump() for m in _messages(p, system)],
+            "completion": [{"role": "assistant", "content": a}],
+        }
+        for p, a in examples
+    ]

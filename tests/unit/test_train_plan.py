@@ -1,0 +1,197 @@
+"""The train worker's pure decisions: trainer arguments, precision, fingerprint, sources, pre-flight numbers."""
+
+from __future__ import annotations
+
+import pytest
+
+from kubedistill.api.v1alpha1 import LoraSpec, StudentSpec
+from kubedistill.api.worker_config import TrainConfig
+from kubedistill.worker import train_plan as plan
+from kubedistill.worker.train_checkpoint import files_for_rank
+
+
+def config(**training) -> TrainConfig:
+    return TrainConfig.model_validate(
+        {
+            "student": {"model": "s3://models/student", "training": training},
+            "datasetUri": "s3://b/ds",
+            "outputUri": "s3://b/model",
+            "checkpointUri": "s3://b/checkpoints",
+        }
+    )
+
+
+def test_sft_arguments_carry_every_training_knob():
+    cfg = config(
+        epochs=2,
+        learningRate=1e-4,
+        lrScheduler="linear",
+        warmupRatio=0.1,
+        batchSize=4,
+        gradientAccumulationSteps=2,
+        maxSeqLength=512,
+        packing=True,
+        completionOnlyLoss=False,
+        gradientCheckpointing=True,
+        seed=7,
+        checkpointEverySteps=25,
+    )
+    args = plan.sft_arguments(cfg, "bf16", "/tmp/out", cuda=True)
+    assert args["num_train_epochs"] == 2
+    assert args["max_steps"] == -1
+    assert args["learning_rate"] == 1e-4
+    assert args["lr_scheduler_type"] == "linear"
+    assert args["warmup_steps"] == 0.1  # transformers 5: a float < 1 is a ratio
+    assert args["per_device_train_batch_size"] == 4
+    assert args["gradient_accumulation_steps"] == 2
+    assert args["max_length"] == 512
+    assert args["packing"] is True
+    assert args["completion_only_loss"] is False
+    assert args["gradient_checkpointing"] is True
+    assert args["seed"] == args["data_seed"] == 7
+    assert args["save_steps"] == 25
+    assert (args["bf16"], args["fp16"], args["use_cpu"]) == (True, False, False)
+    assert args["report_to"] == "none"
+
+
+def test_sft_arguments_on_cpu_are_fp32_and_max_steps_wins():
+    args = plan.sft_arguments(config(maxSteps=10), "fp32", "/tmp/out", cuda=False)
+    assert (args["bf16"], args["fp16"], args["use_cpu"]) == (False, False, True)
+    assert args["max_steps"] == 10
+
+
+def test_sft_arguments_are_accepted_by_trl():
+    trl = pytest.importorskip("trl")
+    args = trl.SFTConfig(**plan.sft_arguments(config(maxSteps=3, packing=True), "fp32", "/tmp/kd-unit", cuda=False))
+    assert args.packing and args.max_steps == 3 and not args.bf16
+
+
+@pytest.mark.parametrize(
+    ("requested", "cuda", "bf16", "expected"),
+    [
+        ("auto", False, False, "fp32"),
+        ("auto", True, True, "bf16"),
+        ("auto", True, False, "fp16"),
+        ("fp32", True, True, "fp32"),
+        ("bf16", False, False, "bf16"),
+    ],
+)
+def test_choose_precision(requested, cuda, bf16, expected):
+    assert plan.choose_precision(requested, cuda, bf16) == expected
+
+
+def test_fp16_on_cpu_is_refused():
+    with pytest.raises(plan.PlanError, match="fp16 needs a CUDA GPU"):
+        plan.choose_precision("fp16", False, False)
+
+
+def test_dtypes():
+    assert plan.load_dtype_name("bf16", "lora") == "bfloat16"
+    assert plan.load_dtype_name("bf16", "full") == "float32"  # fp32 master weights under autocast
+    assert plan.load_dtype_name("fp32", "lora") == "float32"
+    assert plan.export_dtype_name("bf16") == "bfloat16"
+
+
+def test_lora_arguments():
+    assert plan.lora_arguments(LoraSpec())["target_modules"] == "all-linear"
+    args = plan.lora_arguments(LoraSpec(rank=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    assert args == {
+        "r": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.0,
+        "target_modules": ["q_proj", "v_proj"],
+        "bias": "none",
+        "task_type": "CAUSAL_LM",
+    }
+
+
+def test_fingerprint_ignores_checkpoint_frequency_and_export_but_not_data_or_settings():
+    base = StudentSpec(model="m")
+    fp = plan.training_fingerprint(base, "d1")
+    assert fp == plan.training_fingerprint(
+        base.model_copy(update={"training": base.training.model_copy(update={"checkpoint_every_steps": 5})}), "d1"
+    )
+    assert fp == plan.training_fingerprint(base.model_copy(update={"export": "adapter"}), "d1")
+    assert fp != plan.training_fingerprint(base, "d2")
+    assert fp != plan.training_fingerprint(
+        base.model_copy(update={"training": base.training.model_copy(update={"learning_rate": 1e-5})}), "d1"
+    )
+    assert fp != plan.training_fingerprint(base.model_copy(update={"method": "full"}), "d1")
+
+
+@pytest.mark.parametrize(
+    ("model", "kind", "location"),
+    [
+        ("s3://models/qwen/", "s3", "s3://models/qwen"),
+        ("/models/qwen", "local", "/models/qwen"),
+        ("file:///models/qwen", "local", "/models/qwen"),
+        ("pvc://weights/qwen", "local", f"{plan.PVC_MOUNT_ROOT}/weights/qwen"),
+        ("Qwen/Qwen2.5-0.5B-Instruct", "hub", "Qwen/Qwen2.5-0.5B-Instruct"),
+    ],
+)
+def test_model_source(model, kind, location):
+    assert plan.model_source(model) == plan.ModelSource(kind, location)
+
+
+def test_model_source_rejects_nonsense():
+    with pytest.raises(plan.PlanError, match="neither an s3:// prefix"):
+        plan.model_source("http://example.com/model")
+
+
+def test_vocabulary_check():
+    plan.check_vocabulary(1000, 1024, {"eos_token_id": 3})  # padded embeddings are normal
+    with pytest.raises(plan.PlanError, match="tokenizer has 2000 tokens but the model's embeddings have 1024 rows"):
+        plan.check_vocabulary(2000, 1024, {})
+    with pytest.raises(plan.PlanError, match="pad_token_id id 5000 is outside"):
+        plan.check_vocabulary(1000, 1024, {"pad_token_id": 5000})
+
+
+def test_context_check():
+    plan.check_context(2048, 2048)
+    plan.check_context(2048, None)
+    with pytest.raises(plan.PlanError, match="maxSeqLength 4096 exceeds the student's context length 2048"):
+        plan.check_context(4096, 2048)
+
+
+def test_adapter_export_needs_lora():
+    plan.check_export(StudentSpec(model="m", method="lora", export="adapter"))
+    # the API refuses it too; the worker checks again for configs built without validation
+    with pytest.raises(plan.PlanError, match=r"export adapter needs student\.method lora"):
+        plan.check_export(StudentSpec.model_construct(model="m", method="full", export="adapter"))
+
+
+def test_overlapping_uris_are_refused():
+    plan.check_uris("s3://b/run/model", "s3://b/run/checkpoints", "s3://b/run/datasets/k")
+    with pytest.raises(plan.PlanError, match="overlap"):
+        plan.check_uris("s3://b/run", "s3://b/run/checkpoints", "s3://b/ds")
+    with pytest.raises(plan.PlanError, match="overlap"):
+        plan.check_uris("s3://b/run/model", "s3://b/ck", "s3://b/run/model/ds")
+
+
+def test_complete_checkpoints_need_their_marker():
+    keys = [
+        "checkpoint-10/model.safetensors",
+        "checkpoint-10/COMPLETE.json",
+        "checkpoint-20/model.safetensors",  # upload interrupted: no marker
+        "checkpoint-5/COMPLETE.json",
+        "checkpoint-100/COMPLETE.json",
+        "other/COMPLETE.json",
+    ]
+    assert plan.complete_checkpoint_steps(keys) == [100, 10, 5]
+
+
+def test_checkpoints_to_delete_keeps_the_newest_and_partial_newer_ones():
+    keys = [f"checkpoint-{s}/COMPLETE.json" for s in (10, 20, 30)] + [
+        "checkpoint-15/x",  # stale partial, older than the newest complete: goes
+        "checkpoint-40/x",  # newer partial: left alone
+    ]
+    assert plan.checkpoints_to_delete(keys, newest_complete=30, keep=2) == [10, 15]
+    assert plan.checkpoints_to_delete(keys, newest_complete=30, keep=5) == [15]
+
+
+def test_each_rank_uploads_its_own_rng_state(tmp_path):
+    for name in ("model.safetensors", "optimizer.pt", "rng_state_0.pth", "rng_state_1.pth", "trainer_state.json"):
+        (tmp_path / name).write_text("x")
+    assert files_for_rank(tmp_path, 0) == ["model.safetensors", "optimizer.pt", "rng_state_0.pth", "trainer_state.json"]
+    assert files_for_rank(tmp_path, 1) == ["rng_state_1.pth"]
+    assert files_for_rank(tmp_path, 2) == []
