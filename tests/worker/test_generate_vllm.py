@@ -1,0 +1,161 @@
+"""generate with real teachers on CPU: a vLLM OpenAI-compatible server, and vLLM offline in the pod.
+
+Both use a tiny chat model the test builds (random weights, trained tokenizer) and write to a
+real S3-compatible server. The two modes must produce the same dataset format and the same split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from tests.support.s3 import s3_server
+from tests.support.tiny_model import cached_tiny_chat_model
+from tests.support.vllm_server import VLLM_CPU_ENV, vllm_server
+
+from kubedistill.api.dataset import DatasetManifest, DatasetRecord
+from kubedistill.api.worker_config import GenerateConfig, StorageSettings
+from kubedistill.storage.objectstore import S3Store, upload_dir
+from kubedistill.worker import generate
+from kubedistill.worker.teacher.keys import split_value
+
+pytestmark = [pytest.mark.worker, pytest.mark.slow]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+EVAL_FRACTION = 0.25
+PROMPTS = [{"id": f"q{i}", "prompt": f"What is {i} plus {2 * i}?"} for i in range(30)] + [
+    {"id": f"c{i}", "messages": [{"role": "user", "content": f"Reverse the word {w}"}]}
+    for i, w in enumerate(["cat", "dog", "tree", "river", "city", "house", "night", "green", "blue", "word"])
+]
+BAD_LINES = [b"{truncated", json.dumps({"prompt": "x" * 3000}).encode()]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    yield from s3_server(tmp_path_factory.mktemp("s3"))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return cached_tiny_chat_model(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def vllm_teacher(tiny_model, tmp_path_factory):
+    yield from vllm_server(tiny_model, served_model_name="teacher", log_dir=tmp_path_factory.mktemp("vllm"))
+
+
+@pytest.fixture
+def bucket(s3, monkeypatch):
+    for name, value in s3.env().items():
+        monkeypatch.setenv(name, value)
+    name = s3.make_bucket()
+    lines = [json.dumps(p).encode() for p in PROMPTS] + BAD_LINES
+    s3.client().put_object(Bucket=name, Key="in/prompts.jsonl", Body=b"\n".join(lines) + b"\n")
+    return name
+
+
+def config_doc(s3, bucket: str, teacher: dict, tmp_path: Path) -> dict:
+    return {
+        "prompts": f"s3://{bucket}/in/prompts.jsonl",
+        "outputUri": f"s3://{bucket}/run/dataset",
+        "answerStoreUri": f"s3://{bucket}/answers",
+        "teacher": {**teacher, "sampling": {"temperature": 0, "maxTokens": 16}, "logprobs": 2},
+        "evalFraction": EVAL_FRACTION,
+        "maxPromptChars": 1000,
+        "storage": {"endpoint": s3.endpoint_url, "addressingStyle": "path"},
+        "workDir": str(tmp_path / "work"),
+    }
+
+
+def read_dataset(s3, bucket: str) -> tuple[DatasetManifest, list[DatasetRecord]]:
+    client = s3.client()
+
+    def get(key: str) -> bytes:
+        return client.get_object(Bucket=bucket, Key=f"run/dataset/{key}")["Body"].read()
+
+    manifest = DatasetManifest.model_validate_json(get("manifest.json"))
+    records = []
+    for shard in manifest.shards:
+        lines = get(shard.path).splitlines()
+        assert len(lines) == shard.records
+        records += [DatasetRecord.model_validate_json(line) for line in lines]
+    return manifest, records
+
+
+def expected_split() -> dict[str, str]:
+    """The split computed independently from each prompt's content hash."""
+    out = {}
+    for p in PROMPTS:
+        messages = [("user", p["prompt"])] if "prompt" in p else [(m["role"], m["content"]) for m in p["messages"]]
+        out[p["id"]] = "eval" if split_value(messages) < EVAL_FRACTION else "train"
+    return out
+
+
+def check_dataset(manifest: DatasetManifest, records: list[DatasetRecord], teacher_model: str) -> None:
+    split = expected_split()
+    assert manifest.teacher_model == teacher_model
+    assert (manifest.counts.prompts, manifest.counts.malformed, manifest.counts.too_long) == (40, 1, 1)
+    assert sorted(r.id for r in records) == sorted(split)
+    assert {r.id: r.split for r in records} == split
+    assert (
+        manifest.counts.train == sum(s == "train" for s in split.values()) == sum(r.split == "train" for r in records)
+    )
+    assert manifest.counts.eval == sum(s == "eval" for s in split.values()) > 0
+    assert [s.split for s in manifest.shards] == ["train", "eval"]
+    for record in records:
+        assert record.prompt[-1].role == "user" and record.completion[0].role == "assistant"
+        assert 1 <= record.usage.completion_tokens <= 16 and record.usage.prompt_tokens > 0
+        assert record.finish_reason in ("stop", "length")
+        # one entry per answer token (the end-of-turn token may or may not be listed)
+        assert record.logprobs and 0 <= record.usage.completion_tokens - len(record.logprobs) <= 1
+        assert all(0 < len(t.top) <= 3 for t in record.logprobs)  # top-2, plus the chosen token if outside it
+    assert manifest.usage.prompt_tokens == sum(r.usage.prompt_tokens for r in records)
+    assert manifest.usage.completion_tokens == sum(r.usage.completion_tokens for r in records)
+
+
+def test_endpoint_teacher_vllm_server_to_s3(s3, bucket, vllm_teacher, tmp_path):
+    doc = config_doc(s3, bucket, {"endpoint": {"baseURL": vllm_teacher.base_url, "model": "teacher"}}, tmp_path)
+    result, stats = generate.run(GenerateConfig.model_validate(doc))
+
+    manifest, records = read_dataset(s3, bucket)
+    check_dataset(manifest, records, "teacher")
+    assert (result.examples, result.requested, result.failed, result.digest) == (40, 40, 0, manifest.digest)
+    assert stats.calls.retries == 0
+
+    # The stored answer is what the server says for that prompt (greedy, same settings).
+    record = next(r for r in records if r.id == "q3")
+    direct = vllm_teacher.chat([m.to_wire() for m in record.prompt], max_tokens=16, temperature=0)
+    assert record.completion[0].content == direct["choices"][0]["message"]["content"]
+
+    again, _ = generate.run(GenerateConfig.model_validate(doc))
+    assert (again.requested, again.reused, again.digest) == (0, 40, manifest.digest)
+
+
+def test_offline_vllm_teacher_same_format(s3, bucket, tiny_model, tmp_path):
+    model_uri = f"s3://{bucket}/models/teacher"
+    upload_dir(S3Store(StorageSettings(endpoint=s3.endpoint_url, addressing_style="path")), tiny_model, model_uri)
+    doc = config_doc(
+        s3, bucket, {"vllm": {"model": model_uri, "gpus": 0, "maxModelLen": 512, "dtype": "float32"}}, tmp_path
+    )
+    doc["offlineBatchSize"] = 16
+    config_file = tmp_path / "generate.yaml"
+    config_file.write_text(yaml.safe_dump(doc))
+    termination = tmp_path / "termination-log"
+    env = {**os.environ, **s3.env(), **VLLM_CPU_ENV, "KUBEDISTILL_TERMINATION_LOG": str(termination)}
+
+    done = subprocess.run(
+        [sys.executable, "-m", "kubedistill.worker", "generate", "--config", str(config_file)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    manifest, records = read_dataset(s3, bucket)
+    check_dataset(manifest, records, model_uri)
+    summary = json.loads(termination.read_text())
+    assert (summary["examples"], summary["requested"], summary["digest"]) == (40, 40, manifest.digest)
