@@ -150,7 +150,7 @@ INVALID: tuple[Invalid, ...] = (
         "non-s3-output-uri",
         valid_job,
         (_set("spec.output.uri", "https://artifacts.example.com/demo"),),
-        server=("spec.output.uri", "should match '^s3://"),
+        server=("spec.output.uri", "must be an s3:// URI: s3://<bucket>/<prefix>"),
         pydantic=("output", "uri", "should match pattern '^s3://"),
     ),
     Invalid(
@@ -164,7 +164,7 @@ INVALID: tuple[Invalid, ...] = (
         "malformed-memory-quantity",
         valid_job,
         (_set("spec.resources.memory", "64 GB"),),
-        server=("spec.resources.memory", "should match"),
+        server=("spec.resources.memory", "must be a Kubernetes quantity such as 64Gi"),
         pydantic=("memory", "should match pattern"),
     ),
     Invalid(
@@ -244,7 +244,7 @@ INVALID: tuple[Invalid, ...] = (
         "teacher-base-url-not-http",
         valid_job,
         (_set("spec.teacher.endpoint.baseURL", "teacher.models.svc:8000/v1"),),
-        server=("spec.teacher.endpoint.baseURL", "should match '^https?://"),
+        server=("spec.teacher.endpoint.baseURL", "must be an http:// or https:// URL"),
         pydantic=("baseURL", "should match pattern"),
     ),
     Invalid(
@@ -272,7 +272,7 @@ INVALID: tuple[Invalid, ...] = (
         "model-uri-not-s3",
         valid_model,
         (_set("spec.model.uri", "/models/demo"),),
-        server=("spec.model.uri", "should match '^s3://"),
+        server=("spec.model.uri", "must be an s3:// URI"),
         pydantic=("uri", "should match pattern '^s3://"),
     ),
     Invalid(

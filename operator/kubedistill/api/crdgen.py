@@ -8,7 +8,8 @@ pydantic writes JSON Schema (draft 2020-12); the API server wants a
 *structural* OpenAPI v3 schema. The conversion:
 
 - every ``$ref`` is inlined; a description next to a ``$ref`` (the field's)
-  wins over the referenced model's docstring;
+  comes first, then the referenced model's docstring (``kubectl explain``
+  shows both: what the field is for, then what the type is);
 - ``X | None`` (``anyOf`` with ``null``) becomes ``X``: unset and null mean
   the same to us, so nothing is ``nullable``;
 - ``title``, ``additionalProperties: false`` (unknown fields are refused by
@@ -185,7 +186,10 @@ def _resolve(node: Schema, defs: dict[str, Schema]) -> Schema:
     name = node["$ref"].rsplit("/", 1)[-1]
     target = copy.deepcopy(defs[name])
     siblings = {k: v for k, v in node.items() if k != "$ref"}
-    return _resolve({**target, **siblings}, defs)
+    merged = {**target, **siblings}
+    if "description" in target and "description" in siblings and target["description"] != siblings["description"]:
+        merged["description"] = f"{siblings['description']}\n\n{target['description']}"
+    return _resolve(merged, defs)
 
 
 def _drop_null(node: Schema, defs: dict[str, Schema]) -> Schema:
@@ -251,7 +255,6 @@ def root_schema(model: type[BaseModel]) -> Schema:
     """The ``openAPIV3Schema`` of a kind: apiVersion, kind, metadata, spec, status."""
     schema = model_json_schema(model)
     defs = schema.get("$defs", {})
-    properties = schema["properties"]
     root = structural({k: v for k, v in schema.items() if k not in ("properties", "required")}, defs)
     root["properties"] = {
         "apiVersion": {
@@ -262,9 +265,10 @@ def root_schema(model: type[BaseModel]) -> Schema:
             "description": "Kind is a string value representing the REST resource this object represents.",
             "type": "string",
         },
-        "metadata": {"description": properties["metadata"]["description"], "type": "object"},
-        "spec": structural(properties["spec"], defs),
-        "status": structural(properties["status"], defs, defaults=False),
+        # The API server refuses anything but a bare object here (it owns ObjectMeta's schema).
+        "metadata": {"type": "object"},
+        "spec": structural(schema["properties"]["spec"], defs),
+        "status": structural(schema["properties"]["status"], defs, defaults=False),
     }
     root["required"] = ["spec"]
     return _ordered(root)
@@ -323,9 +327,17 @@ class _Dumper(yaml.SafeDumper):
         return True
 
 
+# YAML 1.1 booleans that PyYAML leaves bare but Go's YAML (kubectl, the API server) reads as
+# true/false: a bare ``n:`` key became a property named "false".
+_YAML11_BOOLS = frozenset({"y", "n", "yes", "no", "on", "off", "true", "false"})
+
+
 def _str_representer(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
-    style = "|" if "\n" in value else None
-    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+    if "\n" in value:
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|")
+    if value.lower() in _YAML11_BOOLS:
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style='"')
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value)
 
 
 _Dumper.add_representer(str, _str_representer)

@@ -47,6 +47,30 @@ def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, Any
     return validation
 
 
+# Friendlier API server messages than "should match '<regex>'" for the mistakes users make most.
+# The pattern stays (pydantic checks it); the CEL rule adds a sentence that says what to fix.
+URI_MAX_LENGTH = 2048
+QUANTITY_MAX_LENGTH = 64
+S3_URI_RULE: dict[str, Any] = {
+    "x-kubernetes-validations": [
+        cel(
+            "self.matches('^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$')",
+            "must be an s3:// URI: s3://<bucket>/<prefix>, the bucket in lowercase letters, digits, '.' and '-'",
+        )
+    ]
+}
+HTTP_URL_RULE: dict[str, Any] = {
+    "x-kubernetes-validations": [
+        cel("self.startsWith('http://') || self.startsWith('https://')", "must be an http:// or https:// URL")
+    ]
+}
+QUANTITY_RULE: dict[str, Any] = {
+    "x-kubernetes-validations": [
+        cel("isQuantity(self)", "must be a Kubernetes quantity such as 64Gi, 512Mi, 8 or 500m (no spaces)")
+    ]
+}
+
+
 # --------------------------------------------------------------------------- shared
 
 
@@ -95,9 +119,19 @@ class EnvVar(ApiModel):
 class ComputeResources(ApiModel):
     """CPU and memory for one pod (requests = limits for memory)."""
 
-    cpu: str | None = Field(default=None, description='CPU request, e.g. "8" or "500m".', pattern=QUANTITY_PATTERN)
+    cpu: str | None = Field(
+        default=None,
+        description='CPU request, e.g. "8" or "500m".',
+        pattern=QUANTITY_PATTERN,
+        max_length=QUANTITY_MAX_LENGTH,
+        json_schema_extra=QUANTITY_RULE,
+    )
     memory: str | None = Field(
-        default=None, description='Memory request and limit, e.g. "64Gi".', pattern=QUANTITY_PATTERN
+        default=None,
+        description='Memory request and limit, e.g. "64Gi".',
+        pattern=QUANTITY_PATTERN,
+        max_length=QUANTITY_MAX_LENGTH,
+        json_schema_extra=QUANTITY_RULE,
     )
 
 
@@ -110,7 +144,14 @@ class Sampling(ApiModel):
     temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="Sampling temperature; 0 is greedy.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling probability mass.")
     max_tokens: int = Field(default=512, ge=1, le=131072, description="Most tokens per answer.")
-    n: int = Field(default=1, ge=1, le=16, description="Answers per prompt; each becomes a training example.")
+    # Not "n" on the wire, as in the OpenAI API: kubectl's YAML reads a bare `n:` key as `false`.
+    n: int = Field(
+        default=1,
+        ge=1,
+        le=16,
+        alias="answersPerPrompt",
+        description="Teacher answers per prompt (the OpenAI API's n); each becomes a training example.",
+    )
     seed: int | None = Field(default=None, description="Sampling seed, where the teacher supports one.")
 
 
@@ -120,6 +161,8 @@ class EndpointTeacher(ApiModel):
     base_url: str = Field(
         alias="baseURL",
         pattern=HTTP_URL_PATTERN,
+        max_length=URI_MAX_LENGTH,
+        json_schema_extra=HTTP_URL_RULE,
         description="Base URL of the OpenAI-compatible API, including /v1, e.g. https://api.openai.com/v1.",
     )
     model: str = Field(min_length=1, description="Model name sent in each request.")
@@ -224,7 +267,13 @@ class PromptsSource(ApiModel):
         }
     }
 
-    uri: str | None = Field(default=None, pattern=S3_URI_PATTERN, description="s3:// URI of a JSONL file of prompts.")
+    uri: str | None = Field(
+        default=None,
+        pattern=S3_URI_PATTERN,
+        max_length=URI_MAX_LENGTH,
+        json_schema_extra=S3_URI_RULE,
+        description="s3:// URI of a JSONL file of prompts.",
+    )
     config_map_ref: ConfigMapKeyRef | None = Field(
         default=None, description="A ConfigMap key holding JSONL prompts (small prompt sets)."
     )
@@ -454,7 +503,10 @@ class OutputSpec(ApiModel):
     """Where artifacts go and what is published."""
 
     uri: str = Field(
-        pattern=S3_URI_PATTERN, description="s3:// prefix for datasets, checkpoints, the final model and the report."
+        pattern=S3_URI_PATTERN,
+        max_length=URI_MAX_LENGTH,
+        json_schema_extra=S3_URI_RULE,
+        description="s3:// prefix for datasets, checkpoints, the final model and the report.",
     )
     model: ModelOutputSpec = Field(description="The DistilledModel to publish.")
 
@@ -462,7 +514,13 @@ class OutputSpec(ApiModel):
 class StorageSpec(ApiModel):
     """The S3 or S3-compatible store (MinIO, Ceph RGW, SeaweedFS...)."""
 
-    endpoint: str | None = Field(default=None, pattern=HTTP_URL_PATTERN, description="Endpoint URL; AWS S3 when unset.")
+    endpoint: str | None = Field(
+        default=None,
+        pattern=HTTP_URL_PATTERN,
+        max_length=URI_MAX_LENGTH,
+        json_schema_extra=HTTP_URL_RULE,
+        description="Endpoint URL; AWS S3 when unset.",
+    )
     region: str = Field(default="us-east-1", min_length=1, description="Region.")
     credentials_secret_ref: SecretRef | None = Field(
         default=None,
@@ -488,10 +546,26 @@ class ResourcesSpec(ApiModel):
     )
     priority_class_name: str | None = Field(default=None, description="PriorityClass of the stage pods.")
     queue_name: str | None = Field(default=None, description="Kueue LocalQueue (kueue.x-k8s.io/queue-name label).")
-    cpu: str | None = Field(default=None, pattern=QUANTITY_PATTERN, description="CPU request per training pod.")
-    memory: str | None = Field(default=None, pattern=QUANTITY_PATTERN, description="Memory per training pod.")
+    cpu: str | None = Field(
+        default=None,
+        pattern=QUANTITY_PATTERN,
+        max_length=QUANTITY_MAX_LENGTH,
+        json_schema_extra=QUANTITY_RULE,
+        description="CPU request per training pod.",
+    )
+    memory: str | None = Field(
+        default=None,
+        pattern=QUANTITY_PATTERN,
+        max_length=QUANTITY_MAX_LENGTH,
+        json_schema_extra=QUANTITY_RULE,
+        description="Memory per training pod.",
+    )
     shm_size: str | None = Field(
-        default=None, pattern=QUANTITY_PATTERN, description="Size of the memory-backed /dev/shm."
+        default=None,
+        pattern=QUANTITY_PATTERN,
+        max_length=QUANTITY_MAX_LENGTH,
+        json_schema_extra=QUANTITY_RULE,
+        description="Size of the memory-backed /dev/shm.",
     )
 
 
@@ -561,7 +635,8 @@ class ModelArtifact(ApiModel):
 
     uri: str = Field(
         pattern=S3_URI_PATTERN,
-        max_length=2048,
+        max_length=URI_MAX_LENGTH,
+        json_schema_extra=S3_URI_RULE,
         description="s3:// prefix holding the model (safetensors, tokenizer, chat template) or LoRA adapter.",
     )
     digest: str | None = Field(
@@ -671,7 +746,7 @@ def _name_rule(kind: str, max_length: int, purpose: str) -> dict[str, Any]:
         f"self.metadata.name.matches('{DNS1035_LABEL_PATTERN}'))",
         f"metadata.name of a {kind} must be at most {max_length} characters of lowercase letters, digits and '-', "
         f"starting with a letter ({purpose})",
-    )
+    )  # no fieldPath: the API server accepts none under metadata
 
 
 _JOB_NAME_RULE = _name_rule("DistillationJob", JOB_NAME_MAX_LENGTH, "it names the stage Jobs and Services")
@@ -750,6 +825,11 @@ class DistilledModelSpec(ApiModel):
         min_length=1,
         max_length=256,
         description="Model name clients send in requests; metadata.name when unset.",
+    )
+    storage: StorageSpec | None = Field(
+        default=None,
+        description="The object store holding spec.model (endpoint, region, credentials Secret); "
+        "with fromJob, the job's spec.storage when unset.",
     )
 
     @model_validator(mode="after")
