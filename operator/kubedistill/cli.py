@@ -3,6 +3,8 @@
     kubedistill crds                    # regenerate crds/ and charts/kubedistill/crds/ from the API models
     kubedistill crds --check            # exit 1 when the committed CRDs drift from the models
     kubedistill crds --stdout | kubectl apply -f -
+    kubedistill operator                # run the operator (kopf) against $KUBECONFIG or in-cluster
+    kubedistill operator --namespace ml-team --settings /etc/kubedistill-operator/settings.yaml
     kubedistill version
 
 Each subcommand is one ``Command`` in ``COMMANDS``: a name, a help line, a
@@ -80,6 +82,51 @@ def _read(path: Path) -> str | None:
         return None
 
 
+# --------------------------------------------------------------------------- operator
+
+
+def _operator_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        default=None,
+        help="watch only this namespace (repeatable; default: the settings' namespaces, else all)",
+    )
+    parser.add_argument("--settings", help="operator settings YAML (default: $KUBEDISTILL_SETTINGS)")
+    parser.add_argument("--liveness", help="serve kopf's liveness probe here, e.g. http://0.0.0.0:8080/healthz")
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: the settings'")
+
+
+def _run_operator(args: argparse.Namespace) -> int:
+    import logging
+
+    import kopf
+
+    from kubedistill.handlers import register
+    from kubedistill.settings import load_settings
+
+    settings = load_settings(args.settings)
+    if args.namespace:
+        settings = settings.model_copy(update={"namespaces": list(args.namespace)})
+    level = getattr(logging, args.log_level or settings.log_level)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # kopf logs every handler run at INFO (a line per object per event); keep it to problems.
+    # The kubernetes client logs request bodies at DEBUG: never let that through.
+    logging.getLogger("kopf").setLevel(level if level == logging.DEBUG else logging.WARNING)
+    for noisy in ("kubernetes", "urllib3", "aiohttp"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    kopf.run(
+        registry=register(settings),
+        standalone=True,
+        clusterwide=not settings.namespaces,
+        namespaces=settings.namespaces,
+        liveness_endpoint=args.liveness,
+        memo=kopf.Memo(),
+    )
+    return 0
+
+
 # --------------------------------------------------------------------------- version
 
 
@@ -95,6 +142,12 @@ def _run_version(args: argparse.Namespace) -> int:
 
 COMMANDS: list[Command] = [
     Command("crds", "generate the CustomResourceDefinitions from the API models", _run_crds, _crds_arguments),
+    Command(
+        "operator",
+        "run the operator: reconcile DistillationJobs and DistilledModels",
+        _run_operator,
+        _operator_arguments,
+    ),
     Command("version", "print the version", _run_version),
 ]
 

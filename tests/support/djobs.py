@@ -35,7 +35,10 @@ def distillation_job(
         "teacher": {"endpoint": endpoint, "sampling": {"maxTokens": 256}},
         "dataset": {"prompts": {"uri": "s3://kd-test/prompts.jsonl"}},
         "student": {"model": "s3://kd-test/base/tiny", "method": "lora"},
-        "output": {"uri": f"s3://kd-test/runs/{name}", "model": {"name": model_name or f"{name}-model", "serve": serve}},
+        "output": {
+            "uri": f"s3://kd-test/runs/{name}",
+            "model": {"name": model_name or f"{name}-model", "serve": serve},
+        },
         "storage": {"endpoint": "http://s3.storage.svc:9000", "addressingStyle": "path"},
     }
     if storage_secret:

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import yaml
+from tests.support.djobs import distillation_job
 
 from kubedistill.api.v1alpha1 import DistillationJob
 from kubedistill.api.worker_config import EvaluateConfig, GenerateConfig, TrainConfig
@@ -21,7 +22,6 @@ from kubedistill.builders.stages import (
 )
 from kubedistill.reconcile.keys import compute_stage_keys
 from kubedistill.settings import OperatorSettings
-from tests.support.djobs import distillation_job
 
 SETTINGS = OperatorSettings()
 H100 = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
@@ -152,7 +152,7 @@ def test_multi_node_training_is_an_indexed_job_with_a_headless_service() -> None
     children = build_stage_children(plan, "train", SETTINGS)
     kinds = [c["kind"] for c in children]
     assert kinds == ["ConfigMap", "Service", "Job"]
-    config_map, service, job = children
+    _config_map, service, job = children
     job_name = plan.job_name("train")
     assert job["spec"]["completionMode"] == "Indexed"
     assert job["spec"]["completions"] == job["spec"]["parallelism"] == 4

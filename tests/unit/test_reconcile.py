@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from tests.support.djobs import distillation_job, evaluate_result, generate_result, train_result
 
 from kubedistill.api import conditions as c
 from kubedistill.api.conditions import JobPhase, Reason, StagePhase
@@ -28,7 +29,6 @@ from kubedistill.reconcile.keys import compute_stage_keys
 from kubedistill.reconcile.observe import Termination, observe_job, parse_result, pick_termination
 from kubedistill.reconcile.status import merge_patch
 from kubedistill.settings import OperatorSettings
-from tests.support.djobs import distillation_job, evaluate_result, generate_result, train_result
 
 SETTINGS = OperatorSettings()
 NOW = "2026-01-01T00:00:00Z"
@@ -217,9 +217,7 @@ def test_a_failed_stage_fails_the_run_with_the_worker_message(stage: str) -> Non
     failed = world.condition("Failed")
     assert failed["status"] == "True" and failed["reason"] == Reason.STAGE_FAILED
     assert "401 Unauthorized" in failed["message"]
-    assert (c.STAGE_CONDITIONS[stage], "StageFailed") in [
-        (x["type"], x["reason"]) for x in world.status["conditions"]
-    ]
+    assert (c.STAGE_CONDITIONS[stage], "StageFailed") in [(x["type"], x["reason"]) for x in world.status["conditions"]]
     assert any(e.type == "Warning" and "401" in e.message for e in decision.events)
     assert world.published == []
     # Settled without reading the pods again.

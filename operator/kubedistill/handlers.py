@@ -1,0 +1,207 @@
+"""kopf registrations, and nothing else: every handler is one call into the runtime (reconcile/).
+
+    kubedistill operator                       # every namespace
+    kubedistill operator --namespace ml-team   # one namespace (repeatable)
+
+What triggers a reconcile of a DistillationJob:
+
+* create / update / resume (kopf's change detection, diff base in an annotation);
+* an event on one of its Jobs that changes the Job's phase (pending, running, succeeded,
+  failed, deleted): the Job carries ``kubedistill.io/job`` and the watch is filtered
+  server-side by ``app.kubernetes.io/managed-by=kubedistill``, so the operator never sees
+  anybody else's Jobs;
+* a resync every ``reconcile.resyncSeconds`` for runs still in flight (one background
+  task for all of them, not a timer per object: kopf timers need a finalizer on every
+  resource, and a finalizer would make deleting a job wait for the operator).
+
+DistilledModels likewise: create / update / resume, events on their Deployment, the
+success of the DistillationJob they follow (``fromJob``), and the same resync.
+
+kopf's own bookkeeping stays out of our status: progress and the diff base go to
+``kubedistill.io/*`` annotations, kopf posts Events only for warnings and errors, and no
+handler returns a value (which kopf would store in the status).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from kubedistill.api.v1alpha1 import GROUP, VERSION
+from kubedistill.builders import names
+from kubedistill.builders.settings import OperatorSettings
+from kubedistill.kube.client import KubeClient, KubeError
+from kubedistill.reconcile.loop import InvalidSpec
+from kubedistill.reconcile.observe import compact_job, observe_job
+from kubedistill.runtime import Runtime
+
+log = logging.getLogger("kubedistill.handlers")
+
+DJ = (GROUP, VERSION, "distillationjobs")
+DM = (GROUP, VERSION, "distilledmodels")
+MANAGED = {names.LABEL_MANAGED_BY: names.MANAGED_BY}
+ACTIVE_PHASES = frozenset({None, "Pending", "Generating", "Training", "Evaluating", "Publishing"})
+ACTIVE_MODEL_PHASES = frozenset({None, "Pending", "Deploying", "Degraded"})
+
+
+def configure_kopf(settings: kopf.OperatorSettings, ours: OperatorSettings) -> None:
+    """kopf's knobs: bookkeeping in annotations, quiet Events, server-side child filters, pacing."""
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=names.GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=names.GROUP, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = f"{names.GROUP}/finalizer"
+    settings.posting.level = logging.WARNING
+    settings.posting.reporting_component = "kubedistill-operator"
+    settings.watching.label_selectors["batch", "jobs"] = f"{names.LABEL_MANAGED_BY}={names.MANAGED_BY}"
+    settings.watching.label_selectors["apps", "deployments"] = f"{names.LABEL_MANAGED_BY}={names.MANAGED_BY}"
+    settings.watching.server_timeout = 270
+    settings.watching.client_timeout = 300
+    settings.execution.max_workers = max(4, ours.reconcile.api_threads)
+    settings.networking.request_timeout = ours.reconcile.request_timeout_seconds * 2
+
+
+async def _handled(call: Any) -> None:
+    """Map outcomes to kopf: a bad spec is permanent, an API hiccup is retried soon."""
+    try:
+        await call
+    except InvalidSpec as err:
+        raise kopf.PermanentError(str(err)) from err
+    except KubeError as err:
+        raise kopf.TemporaryError(str(err), delay=5 if err.retryable else 30) from err
+
+
+def _runtime(memo: Any) -> Runtime:
+    runtime: Runtime = memo.runtime
+    return runtime
+
+
+async def _resync(runtime: Runtime, interval: float) -> None:
+    """Kick every run in flight once per interval, spread out so that N runs do not arrive at once."""
+    while True:
+        jobs = [key for key, phases in (runtime.job_phases or {}).items() if set(phases) & ACTIVE_PHASES]
+        models = [key for key, phases in (runtime.model_phases or {}).items() if set(phases) & ACTIVE_MODEL_PHASES]
+        kicks = [(runtime.kick_job, key) for key in jobs] + [(runtime.kick_model, key) for key in models]
+        if not kicks:
+            await asyncio.sleep(interval)
+            continue
+        step = interval / len(kicks)
+        for kick, (namespace, name) in kicks:
+            kick(namespace, name)
+            await asyncio.sleep(step)
+
+
+def register(ours: OperatorSettings, registry: kopf.OperatorRegistry | None = None) -> kopf.OperatorRegistry:
+    """Register every handler (in a fresh registry unless one is given) for these settings."""
+    registry = registry or kopf.OperatorRegistry()
+
+    @kopf.on.login(id="login", registry=registry)
+    def login(**kwargs: Any) -> Any:
+        # A registry of our own gets none of kopf's default login handlers: use the client's
+        # config (in-cluster ServiceAccount, or $KUBECONFIG), as KubeClient does.
+        return kopf.login_via_client(**kwargs)
+
+    @kopf.on.startup(id="startup", registry=registry)
+    async def startup(*, settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
+        configure_kopf(settings, ours)
+        runtime = Runtime(ours, KubeClient(ours.reconcile))
+        memo.runtime = runtime
+        memo.resync = asyncio.create_task(_resync(runtime, ours.reconcile.resync_seconds))
+        log.info(
+            "kubedistill operator: namespaces %s, worker image %s, GPU pool %s",
+            ours.namespaces or "all",
+            ours.worker_image,
+            ours.gpu_pool.node_selector,
+        )
+
+    @kopf.on.cleanup(id="cleanup", registry=registry)
+    async def cleanup(*, memo: Any, **_: Any) -> None:
+        memo.resync.cancel()
+        await _runtime(memo).close()
+
+    # ------------------------------------------------------------------ indices (watch caches)
+
+    @kopf.index(*DJ, id="distillation_job_phases", registry=registry)
+    def distillation_job_phases(*, namespace: str | None, name: str, status: Mapping[str, Any], **_: Any) -> Any:
+        return {(namespace, name): (status or {}).get("phase")}
+
+    @kopf.index(*DM, id="distilled_model_phases", registry=registry)
+    def distilled_model_phases(*, namespace: str | None, name: str, status: Mapping[str, Any], **_: Any) -> Any:
+        return {(namespace, name): (status or {}).get("phase")}
+
+    @kopf.index(*DM, id="models_following", registry=registry)
+    def models_following(*, namespace: str | None, name: str, spec: Mapping[str, Any], **_: Any) -> Any:
+        source = (spec.get("fromJob") or {}).get("name")
+        return {(namespace, source): name} if source else None
+
+    @kopf.index("batch", "v1", "jobs", labels=MANAGED, id="stage_jobs", registry=registry)
+    def stage_jobs(*, namespace: str | None, labels: Mapping[str, str], body: Any, **_: Any) -> Any:
+        job = labels.get(names.LABEL_JOB)
+        return {(namespace, job): compact_job(body)} if job else None
+
+    def bind(memo: Any, kwargs: Mapping[str, Any]) -> Runtime:
+        runtime = _runtime(memo)
+        runtime.jobs_index = kwargs["stage_jobs"]
+        runtime.job_phases = kwargs["distillation_job_phases"]
+        runtime.model_phases = kwargs["distilled_model_phases"]
+        runtime.models_following = kwargs["models_following"]
+        return runtime
+
+    # ------------------------------------------------------------------ DistillationJob
+
+    @kopf.on.resume(*DJ, id="distillation_job", registry=registry)
+    @kopf.on.create(*DJ, id="distillation_job", registry=registry)
+    @kopf.on.update(*DJ, id="distillation_job", registry=registry)
+    async def distillation_job(*, namespace: str | None, name: str, memo: Any, **kwargs: Any) -> None:
+        await _handled(bind(memo, kwargs).reconcile_job(namespace or "", name))
+
+    @kopf.on.event(*DJ, id="distillation_job_event", registry=registry)
+    async def distillation_job_event(
+        *, namespace: str | None, name: str, status: Mapping[str, Any], memo: Any, **kwargs: Any
+    ) -> None:
+        # A run that just succeeded has a new model for the DistilledModels that follow it.
+        if (status or {}).get("phase") != "Succeeded":
+            return
+        runtime = bind(memo, kwargs)
+        for model in runtime.models_following.get((namespace, name), ()):
+            runtime.kick_model(namespace or "", model)
+
+    @kopf.on.event("batch", "v1", "jobs", labels=MANAGED, id="stage_job_event", registry=registry)
+    async def stage_job_event(
+        *, type: str, namespace: str | None, labels: Mapping[str, str], body: Any, memo: Any, **kwargs: Any
+    ) -> None:
+        parent = labels.get(names.LABEL_JOB)
+        if not parent:
+            return
+        runtime = bind(memo, kwargs)
+        uid = body.get("metadata", {}).get("uid", "")
+        phase = "Deleted" if type == "DELETED" else observe_job(body).phase.value
+        if runtime.job_phase_seen.get(uid) == phase:
+            return  # a status detail changed (a pod count), not the stage
+        if type == "DELETED":
+            runtime.job_phase_seen.pop(uid, None)
+        else:
+            runtime.job_phase_seen[uid] = phase
+        runtime.kick_job(namespace or "", parent)
+
+    # ------------------------------------------------------------------ DistilledModel
+
+    @kopf.on.resume(*DM, id="distilled_model", registry=registry)
+    @kopf.on.create(*DM, id="distilled_model", registry=registry)
+    @kopf.on.update(*DM, id="distilled_model", registry=registry)
+    async def distilled_model(*, namespace: str | None, name: str, memo: Any, **kwargs: Any) -> None:
+        await _handled(bind(memo, kwargs).reconcile_model(namespace or "", name))
+
+    @kopf.on.event("apps", "v1", "deployments", labels=MANAGED, id="serving_deployment_event", registry=registry)
+    async def serving_deployment_event(
+        *, namespace: str | None, labels: Mapping[str, str], memo: Any, **kwargs: Any
+    ) -> None:
+        model = labels.get(names.LABEL_MODEL)
+        if model:
+            bind(memo, kwargs).kick_model(namespace or "", model)
+
+    return registry
