@@ -12,13 +12,15 @@
 
 Every process runs in its own session (process group), and `stop()` signals the whole group:
 servers that fork workers (vLLM's engine core) leave nothing behind. An `atexit` hook stops
-whatever is still running when the interpreter exits, so an aborted test run leaks no servers.
+whatever is still running when the interpreter exits, and each server gets SIGTERM from the
+kernel if the test process dies without exiting (SIGKILL): an aborted run leaks no servers.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -86,6 +88,7 @@ class ManagedProcess:
                 env=self.env,
                 cwd=self.cwd,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         _RUNNING.add(self)
         return self
@@ -129,6 +132,20 @@ class ManagedProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the test process dies, even by SIGKILL.
+
+    atexit does not run when pytest is killed (a CI timeout); without this the servers
+    would outlive it. vLLM's engine core in turn exits when its API server goes.
+    """
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
