@@ -90,8 +90,7 @@ def test_control_plane_is_the_pinned_release(cluster: Cluster) -> None:
     version = cluster.kubectl_json("version")
     assert version["serverVersion"]["gitVersion"] == pinned
     assert version["clientVersion"]["gitVersion"] == pinned
-    # The controller manager and scheduler run: their leases or health are not enough, the
-    # ServiceAccount token controller and the default namespace SA prove the former.
+    # The controller manager runs: its ServiceAccount controller made the default ServiceAccount.
     assert cluster.core().read_namespaced_service_account("default", "default")
 
 

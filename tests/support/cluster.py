@@ -379,6 +379,17 @@ class Cluster:
         ns_args = ["-n", namespace] if namespace else []
         return self.kubectl(*ns_args, "apply", "-f", "-", input=text).stdout
 
+    def ensure_nodes(self, h100: int = 2, cpu: int = 2, timeout: float = 120) -> None:
+        """Make sure at least h100-0..h100-{h100-1} and cpu-0..cpu-{cpu-1} exist and are Ready.
+
+        For benchmarks that want a bigger simulated pool than `up` creates; nodes are never removed.
+        """
+        nodes = subprocess.run(
+            [str(HACK_DIR / "nodes"), str(h100), str(cpu)], check=True, capture_output=True, text=True
+        ).stdout
+        self.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=nodes, timeout=timeout)
+        self.wait_ready(timeout=timeout)
+
     # --- readiness and namespaces --------------------------------------------------------------
 
     def wait_ready(self, timeout: float = 120) -> None:
