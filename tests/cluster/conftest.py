@@ -42,8 +42,10 @@ def cluster() -> Iterator[Cluster]:
     stop = threading.Event()
 
     def sample() -> None:
-        while not stop.wait(1.0):
+        while True:
             samples.append(float(Path("/proc/loadavg").read_text().split()[0]))
+            if stop.wait(1.0):
+                return
 
     with cluster_session() as running:
         _report["up_seconds"] = running.up_seconds

@@ -337,3 +337,22 @@ def test_crashing_deployment_pod_crash_loops_until_fixed(cluster: Cluster, names
 
     core.patch_namespaced_pod("server", namespace, {"metadata": {"annotations": {ANN_EXIT_CODE: None}}})
     wait_for(lambda: _pod_ready(core.read_namespaced_pod("server", namespace)), timeout=30, what="recovered")
+
+
+def test_garbage_collector_removes_dependents_of_a_deleted_owner(cluster: Cluster, namespace: str) -> None:
+    core, batch = cluster.core(), cluster.batch()
+    owner = core.create_namespaced_config_map(namespace, {"metadata": {"name": "owner"}})
+    ref = {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner.metadata.uid}
+    core.create_namespaced_config_map(namespace, {"metadata": {"name": "dependent", "ownerReferences": [ref]}})
+    batch.create_namespaced_job(namespace, job_manifest("held", hardened_pod_spec(), annotations={ANN_HOLD: "true"}))
+    wait_for(lambda: [p for p in _job_pods(cluster, namespace, "held") if _pod_ready(p)], timeout=30, what="pod")
+
+    core.delete_namespaced_config_map("owner", namespace)
+    batch.delete_namespaced_job("held", namespace, propagation_policy="Background")
+
+    wait_for(
+        lambda: not core.list_namespaced_config_map(namespace, field_selector="metadata.name=dependent").items,
+        timeout=60,
+        what="dependent ConfigMap collected",
+    )
+    wait_for(lambda: not _job_pods(cluster, namespace, "held"), timeout=60, what="Job's pod collected")
