@@ -133,11 +133,12 @@ def test_gpu_job_lands_on_an_h100_node_and_completes(cluster: Cluster, namespace
 
 
 def test_gpu_job_without_toleration_stays_pending(cluster: Cluster, namespace: str) -> None:
+    h100, _ = _node_sets(cluster)
     cluster.batch().create_namespaced_job(namespace, job_manifest("no-toleration", gpu_pod_spec(8, tolerate=False)))
     pod = wait_for(lambda: _job_pods(cluster, namespace, "no-toleration"), timeout=30, what="Job pod")[0]
     cond = wait_for(lambda: _unschedulable(cluster, namespace, pod.metadata.name), timeout=30, what="Unschedulable")
-    # 2 CPU nodes fail the selector, the 2 H100 nodes the taint.
-    assert "2 node(s) had untolerated taint(s)" in cond.message, cond.message
+    # The CPU nodes fail the selector, every H100 node the taint.
+    assert f"{len(h100)} node(s) had untolerated taint(s)" in cond.message, cond.message
 
     time.sleep(3)  # and it stays so: the scheduler retries, nothing else changes
     pod = cluster.core().read_namespaced_pod(pod.metadata.name, namespace)
