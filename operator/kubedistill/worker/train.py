@@ -41,6 +41,7 @@ What happens, in order:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -94,6 +95,19 @@ def check_writable(store: ObjectStore, uri: str, what: str) -> None:
         raise WorkerError(f"{what} {uri} is not writable: {err}") from err
     except Exception as err:  # botocore errors from delete are not wrapped
         raise WorkerError(f"{what} {uri} is not writable: {type(err).__name__}: {err}") from err
+
+
+def finished_state(checkpoint_dir: Path | None) -> dict[str, Any] | None:
+    """The trainer state of a checkpoint taken at the last step, or None (no checkpoint, or mid-training)."""
+    if checkpoint_dir is None:
+        return None
+    try:
+        state: dict[str, Any] = json.loads((checkpoint_dir / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if state.get("max_steps") and state.get("global_step", 0) >= state["max_steps"]:
+        return state
+    return None
 
 
 class TrainRun:
@@ -175,6 +189,43 @@ class TrainRun:
         model = self.load_model(model_path, tokenizer, precision)
         trainer, checkpoint_cb, progress_cb = self.build_trainer(model, tokenizer, args, dataset, checkpoints)
 
+        metrics = self.train(trainer, resume_dir, checkpoint_cb, progress_cb)
+        metrics["resumed_from_step"] = int(resume_dir.name.split("-")[-1]) if resume_dir else None
+        result: dict[str, Any] | None = None
+        error: str | None = None
+        if state.is_main_process:
+            try:
+                result = self.export(
+                    trainer, tokenizer, precision, run_dir, fingerprint, manifest, base_digest, metrics
+                )
+            except WorkerError as err:
+                error = str(err)
+        result, error = train_dist.broadcast((result, error))
+        if error:
+            raise WorkerError(error)
+        assert result is not None
+        return result
+
+    def train(self, trainer: Any, resume_dir: Path | None, checkpoint_cb: Any, progress_cb: Any) -> dict[str, Any]:
+        """Run (or finish) the training loop; the metrics of this run."""
+        finished = finished_state(resume_dir)
+        if finished is not None:
+            # The Trainer would run one more step past max_steps when resumed at the very end:
+            # a checkpoint of the last step (saved when training ended) is exported as it is.
+            assert resume_dir is not None
+            log.info("checkpoint step %d is the end of training: exporting it", finished["global_step"])
+            trainer._load_from_checkpoint(str(resume_dir))
+            trainer.state.global_step = finished["global_step"]
+            losses = [e["loss"] for e in finished.get("log_history", []) if "loss" in e]
+            return {
+                "train_loss": losses[-1] if losses else None,
+                "train_seconds": 0.0,
+                "tokens": 0,
+                "tokens_per_second": None,
+                "mean_token_accuracy": None,
+                "global_step": finished["global_step"],
+            }
+
         self.preemption.in_training = True
         output = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
         self.preemption.in_training = False
@@ -200,21 +251,7 @@ class TrainRun:
             seconds,
             metrics["tokens_per_second"] or 0.0,
         )
-        result: dict[str, Any] | None = None
-        error: str | None = None
-        if state.is_main_process:
-            try:
-                metrics["resumed_from_step"] = int(resume_dir.name.split("-")[-1]) if resume_dir else None
-                result = self.export(
-                    trainer, tokenizer, precision, run_dir, fingerprint, manifest, base_digest, metrics
-                )
-            except WorkerError as err:
-                error = str(err)
-        result, error = train_dist.broadcast((result, error))
-        if error:
-            raise WorkerError(error)
-        assert result is not None
-        return result
+        return metrics
 
     # ------------------------------------------------------------------ pieces
 

@@ -1,4 +1,4 @@
-"""fetch on the local object store: digest, verification against kubedistill.json, reuse, failures."""
+"""fetch (also how the train worker brings in an s3:// student) on the local store: digest, verification, reuse."""
 
 from __future__ import annotations
 
