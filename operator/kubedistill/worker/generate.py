@@ -301,6 +301,8 @@ async def ask_endpoint(
     assert spec is not None
     limits = RateLimits(spec.requests_per_minute, spec.tokens_per_minute, plan.largest_charge)
     api_key = os.environ.get(config.api_key_env)
+    if not api_key:
+        log.warning("no teacher API key in $%s: sending requests without one", config.api_key_env)
     concurrency = min(spec.max_concurrency, plan.prompts_to_ask)
     progress = Progress(plan.to_ask, interval=config.progress_seconds, label=spec.model)
     failures: list[Failure] = []
