@@ -21,7 +21,10 @@ stage (reading prompts, planning, writing shards and manifest too). Baseline and
 different prompts of the same shape, so vLLM's prefix cache favours neither, and they alternate
 who goes first at each level.
 
-Prints a table and writes bench/results/generate_throughput.json.
+A third table backs the answer store's design: N answers written to a real S3-compatible server
+(versitygw, tests/support/s3.py) as one object per answer vs batches of 100, and read back.
+
+Prints the tables and writes bench/results/generate_throughput.json.
 """
 
 from __future__ import annotations
@@ -128,6 +131,61 @@ def measure(
     return rows
 
 
+def store_bench(answers: int) -> list[dict[str, Any]]:
+    """Answer store on S3: one PUT per answer vs batched PUTs; write and load times."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.support.s3 import S3Server
+
+    from kubedistill.api.worker_config import StorageSettings
+    from kubedistill.storage.objectstore import S3Store
+    from kubedistill.worker.teacher.store import Answer, AnswerStore
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-s3-") as tmp, S3Server(tmp) as server:
+        for name, value in server.env().items():
+            __import__("os").environ[name] = value
+        bucket = server.make_bucket()
+        store = S3Store(StorageSettings(endpoint=server.endpoint_url, addressing_style="path"))
+        items = [Answer(f"{i:064x}", "an answer of a typical length " * 20, "stop", 50, 120) for i in range(answers)]
+        for label, per_batch, threads in [("one object per answer", 1, 1), ("one object per answer", 1, 16),
+                                          ("batches of 100", 100, 1)]:  # fmt: skip
+            answer_store = AnswerStore.for_partition(store, f"s3://{bucket}/{label.replace(' ', '-')}-{threads}", "p")
+            answer_store.flush_every = per_batch
+            start = time.perf_counter()
+            if per_batch == 1:
+                uris = [f"{answer_store.prefix}/{a.key}.jsonl" for a in items]
+                with ThreadPoolExecutor(threads) as pool:
+                    list(pool.map(lambda uri, a: store.put_bytes(uri, a.to_line()), uris, items))
+                puts = answers
+            else:
+                for i in range(0, answers, per_batch):
+                    answer_store.add(items[i : i + per_batch])
+                    answer_store.flush()
+                puts = answer_store.stats.batches_written
+            write = time.perf_counter() - start
+            reader = AnswerStore.for_partition(store, f"s3://{bucket}/{label.replace(' ', '-')}-{threads}", "p")
+            start = time.perf_counter()
+            loaded = reader.load()
+            load = time.perf_counter() - start
+            assert loaded == answers, (label, loaded)
+            rows.append({"layout": label, "writer_threads": threads, "answers": answers, "puts": puts,
+                         "write_seconds": write, "load_seconds": load})  # fmt: skip
+            print(f"  {label} ({threads} thread(s)): {puts} PUTs, write {write:.2f}s, load {load:.2f}s", flush=True)
+    return rows
+
+
+def store_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| answer store layout | writer threads | answers | PUT requests | write s | answers/s written | load s |"]
+    lines.append("|" + "---|" * 7)
+    for r in rows:
+        lines.append(
+            f"| {r['layout']} | {r['writer_threads']} | {r['answers']} | {r['puts']} | {r['write_seconds']:.2f} "
+            f"| {r['answers'] / r['write_seconds']:.0f} | {r['load_seconds']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def table(rows: list[dict[str, Any]], latency: float) -> str:
     head = (
         "| teacher | concurrency | requests | ideal req/s | openai+gather req/s (eff.) | worker ask req/s (eff.) "
@@ -156,6 +214,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8, help="stub: requests = rounds x concurrency")
     parser.add_argument("--repeat", type=int, default=1, help="runs per level and client (median reported)")
     parser.add_argument("--skip-vllm", action="store_true")
+    parser.add_argument("--skip-store", action="store_true", help="skip the answer-store layout comparison")
+    parser.add_argument("--store-answers", type=int, default=1000, help="answers written in the store comparison")
     parser.add_argument("--vllm-requests", type=int, default=128, help="vLLM: at least this many requests per level")
     parser.add_argument("--vllm-repeat", type=int, default=2, help="vLLM: runs per level and client (median)")
     args = parser.parse_args()
@@ -194,7 +254,14 @@ def main() -> None:
                 args.vllm_repeat,
             )
 
+    store_rows: list[dict[str, Any]] = []
+    if not args.skip_store:
+        print(f"answer store on S3 (versitygw), {args.store_answers} answers:", flush=True)
+        store_rows = store_bench(args.store_answers)
+
     text = table(rows, args.latency)
+    if store_rows:
+        text += "\n\n" + store_table(store_rows)
     print()
     print(text)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -206,6 +273,7 @@ def main() -> None:
                 "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
                 "vllm": vllm_info,
                 "rows": rows,
+                "store_rows": store_rows,
                 "table": text,
             },
             indent=2,
