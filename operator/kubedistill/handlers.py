@@ -121,7 +121,9 @@ def register(ours: OperatorSettings, registry: kopf.OperatorRegistry | None = No
     @kopf.on.cleanup(id="cleanup", registry=registry)
     async def cleanup(*, memo: Any, **_: Any) -> None:
         memo.resync.cancel()
-        await _runtime(memo).close()
+        runtime = _runtime(memo)
+        log.info("kubedistill operator stops: %s", runtime.summary())
+        await runtime.close()
 
     # ------------------------------------------------------------------ indices (watch caches)
 
@@ -186,6 +188,8 @@ def register(ours: OperatorSettings, registry: kopf.OperatorRegistry | None = No
             runtime.job_phase_seen.pop(uid, None)
         else:
             runtime.job_phase_seen[uid] = phase
+        if type == "ADDED" and phase == "Pending":
+            return  # we just created it, and recorded that already (initial listings have type None)
         runtime.kick_job(namespace or "", parent)
 
     # ------------------------------------------------------------------ DistilledModel

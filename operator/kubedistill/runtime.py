@@ -57,12 +57,28 @@ class Runtime:
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(settings.reconcile.max_concurrent_reconciles)
         self.reconciles = 0
+        self.durations: list[float] = []  # seconds per reconcile, for the stop log line (bench/)
 
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.cluster.close()
+
+    def _count(self, seconds: float) -> None:
+        self.reconciles += 1
+        if len(self.durations) < 100_000:
+            self.durations.append(seconds)
+
+    def summary(self) -> str:
+        """One line for the log: reconciles, API requests, reconcile wall time p50/p99."""
+        ordered = sorted(self.durations) or [0.0]
+        p50 = ordered[len(ordered) // 2]
+        p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+        return (
+            f"{self.reconciles} reconciles, {self.cluster.requests} API requests, "
+            f"reconcile p50 {p50:.3f}s p99 {p99:.3f}s"
+        )
 
     # ------------------------------------------------------------------ serialisation
 
@@ -111,8 +127,8 @@ class Runtime:
         outcome = await reconcile_distillation_job(
             self.cluster, self.settings, namespace, name, self._jobs_of(namespace, name)
         )
-        self.reconciles += 1
-        log.debug("reconciled DistillationJob %s/%s in %.3fs: %s", namespace, name, time.monotonic() - start, outcome)
+        self._count(time.monotonic() - start)
+        log.debug("reconciled DistillationJob %s/%s in %.3fs: %s", namespace, name, self.durations[-1], outcome)
         return outcome
 
     async def reconcile_job(self, namespace: str, name: str) -> Outcome:
@@ -127,8 +143,9 @@ class Runtime:
     # ------------------------------------------------------------------ DistilledModel
 
     async def _reconcile_model(self, namespace: str, name: str) -> Outcome:
+        start = time.monotonic()
         outcome = await reconcile_distilled_model(self.cluster, self.settings, namespace, name)
-        self.reconciles += 1
+        self._count(time.monotonic() - start)
         return outcome
 
     async def reconcile_model(self, namespace: str, name: str) -> Outcome:

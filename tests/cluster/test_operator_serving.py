@@ -76,6 +76,14 @@ def test_a_distilled_model_is_served_rolled_and_scaled(
     cluster.kubectl("-n", namespace, "patch", "dm", "faq", "--type=merge", "-p", patch)
     status = model.wait(lambda s: (s.get("currentModel") or {}).get("uri") == V2, "serving v2")
     assert status["phase"] == "Ready" and status["readyReplicas"] == 2
+    fetch_configs = wait_for(
+        lambda: (lambda items: items if len(items) == 1 else None)(
+            model.core.list_namespaced_config_map(namespace, label_selector="kubedistill.io/model=faq").items
+        ),
+        timeout=30,
+        what="the old fetch ConfigMap pruned",
+    )
+    assert fetch_configs[0].data["fetch.yaml"].count(V2) == 1
     assert "RolloutComplete" in [
         e.reason for e in model.core.list_namespaced_event(namespace, field_selector="involvedObject.name=faq").items
     ]

@@ -79,9 +79,12 @@ def test_rolling_to_a_new_model_keeps_serving_the_old_one() -> None:
     surge = deployment("s3://bkt/models/faq-v2", available=1, updated=1, total=2, generation=2, observed=2)
     decision = compute_model_decision(new, SETTINGS, ModelObservations(deployment=surge), NOW)
     assert decision.status.current_model is not None and decision.status.current_model.uri == URI
+    assert decision.keep_fetch_config is None
     done = deployment("s3://bkt/models/faq-v2", generation=2, observed=2)
     decision = compute_model_decision(new, SETTINGS, ModelObservations(deployment=done), NOW)
     assert decision.status.current_model is not None and decision.status.current_model.uri == "s3://bkt/models/faq-v2"
+    fetch = next(x for x in decision.apply if x["kind"] == "ConfigMap")
+    assert decision.keep_fetch_config == fetch["metadata"]["name"]
 
 
 def test_lost_replicas_are_degraded() -> None:

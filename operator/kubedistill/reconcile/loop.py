@@ -228,6 +228,11 @@ async def reconcile_distilled_model(cluster: Cluster, settings: OperatorSettings
     decision = compute_model_decision(dm, settings, obs, now_rfc3339())
     for child in decision.apply:
         await cluster.apply(child)
+    if decision.keep_fetch_config is not None:
+        for config_map in await cluster.list("v1", "ConfigMap", namespace, names.model_children_selector(name)):
+            stale = (config_map.get("metadata") or {}).get("name", "")
+            if stale and stale != decision.keep_fetch_config:
+                await cluster.delete("v1", "ConfigMap", namespace, stale)
     await _write_status(cluster, DM_KIND, raw, decision.status.to_wire(), decision.events)
     phase = decision.status.phase
     return Outcome(phase=phase.value if phase else None, active=decision.progressing)

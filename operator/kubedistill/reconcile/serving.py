@@ -45,6 +45,8 @@ class ModelDecision:
     apply: list[dict[str, Any]] = field(default_factory=list)
     events: list[EventSpec] = field(default_factory=list)
     progressing: bool = False
+    # Once a rollout completes, fetch ConfigMaps of older versions can go (none but this one).
+    keep_fetch_config: str | None = None
 
 
 @dataclass(frozen=True)
@@ -190,6 +192,8 @@ def compute_model_decision(
         current_model=current_model,
     )
     decision.progressing = progressing
+    if rolled_out and source.plan is not None and current_model != old.current_model:
+        decision.keep_fetch_config = names.model_fetch_config_name(name, source.plan.source_hash)
     decision.events = _model_events(old, decision.status, current_model)
     return decision
 
