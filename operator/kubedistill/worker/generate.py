@@ -275,14 +275,19 @@ _COUNTER = {"malformed": "malformed", "too_long": "too_long", "duplicate": "dupl
 
 
 def missing_work(
-    sources: list[Source], options: ScanOptions, answers: AnswerStore
-) -> Iterator[tuple[Prompt, list[str]]]:
-    """Pass 2's input: each prompt with the keys of its samples not yet stored."""
+    sources: list[Source], options: ScanOptions, answers: AnswerStore, *, with_heartbeats: bool = False
+) -> Iterator[Any]:
+    """Pass 2's input: each prompt with the keys of its samples not yet stored.
+
+    ``with_heartbeats`` also yields None for every line with nothing to ask, so an async
+    caller can give the event loop a turn while it skips.
+    """
     for item in scan(sources, options):
-        if isinstance(item, Prompt):
-            missing = [key for key in item.keys if key not in answers]
-            if missing:
-                yield item, missing
+        missing = [key for key in item.keys if key not in answers] if isinstance(item, Prompt) else []
+        if missing:
+            yield item, missing
+        elif with_heartbeats:
+            yield None
 
 
 # --------------------------------------------------------------------------- endpoint teacher
@@ -323,10 +328,15 @@ async def ask_endpoint(
         stats.calls = client.stats
 
         async def produce() -> None:
-            for entry in missing_work(sources, options, answers):
+            for scanned, entry in enumerate(missing_work(sources, options, answers, with_heartbeats=True)):
                 if stop.is_set():
                     break
-                await queue.put(entry)
+                if entry is not None:
+                    await queue.put(entry)
+                elif scanned % 512 == 0:
+                    # A resumed run skips stretches of stored prompts without ever blocking
+                    # on the queue: let the requests in flight and the flusher run meanwhile.
+                    await asyncio.sleep(0)
             for _ in range(concurrency):
                 await queue.put(None)
 
