@@ -1,6 +1,6 @@
 """Training throughput of the train worker vs trl's own ``trl sft`` script; packing on vs off.
 
-    python bench/train_throughput.py                      # CPU: fp32, ~4-6 min on 2 shared cores
+    python bench/train_throughput.py                      # CPU: fp32, ~8-10 min on 2 shared cores
     python bench/train_throughput.py --repeats 3 --examples 2000
     python bench/train_throughput.py --method lora
     python bench/train_throughput.py --threads 2          # OMP threads per training process (CPU)
@@ -17,6 +17,11 @@ ratios are taken inside this one run:
   checkpoint and export there;
 * baseline: ``trl sft --model_name_or_path ... --dataset_name DIR`` on the same records as
   plain prompt-completion JSONL.
+
+With packing, trl concatenates a micro-batch's packed rows into one padding-free sequence;
+without flash-attention (CPU, or a GPU without flash-attn) the worker instead runs one packed
+row per micro-batch and accumulates to the same batch (``train_plan.batch_layout``): the same
+rows per optimizer step and the same token-weighted loss, which the loss column shows.
 
 tokens/s = real (non-padding) tokens of the epoch / the Trainer's ``train_runtime`` (the
 training loop, its final checkpoint included; the same definition for both). The token count
@@ -83,7 +88,7 @@ atexit.register(_kd_bench_report)
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--examples", type=int, default=1200, help="training examples (one epoch)")
+    parser.add_argument("--examples", type=int, default=800, help="training examples (one epoch)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--method", choices=["full", "lora"], default="full")
@@ -228,6 +233,7 @@ def run_worker(root: Path, inputs: dict[str, Any], args: argparse.Namespace, pac
     result = json.loads((root / "termination-log").read_text())
     return {
         "train_seconds": result["trainSeconds"],
+        "train_loss": result["trainLoss"],
         "reported_tokens": result["tokens"],
         "wall_seconds": wall,
         **read_peaks(peak_file),
@@ -281,10 +287,12 @@ def run_trl(root: Path, inputs: dict[str, Any], args: argparse.Namespace, packin
     log = done.stdout + done.stderr
     (work / "log.txt").write_text(log)
     match = re.search(r"'train_runtime': '?([0-9.eE+-]+)", log)
-    if done.returncode != 0 or not match:
+    loss = re.search(r"'train_loss': '?([0-9.eE+-]+)", log)
+    if done.returncode != 0 or not match or not loss:
         raise RuntimeError(f"trl sft failed ({done.returncode}):\n{log[-3000:]}")
     return {
         "train_seconds": float(match.group(1)),
+        "train_loss": float(loss.group(1)),
         "reported_tokens": None,
         "wall_seconds": wall,
         **read_peaks(peak_file),
@@ -388,7 +396,14 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         for tool in ("worker", "trl sft"):
             rows[f"{tool}|{'packed' if packing else 'padded'}"] = {
                 key: median(tool, packing, key)
-                for key in ("tokens_per_second", "train_seconds", "wall_seconds", "peak_rss_mb", "peak_cuda_mb")
+                for key in (
+                    "tokens_per_second",
+                    "train_seconds",
+                    "train_loss",
+                    "wall_seconds",
+                    "peak_rss_mb",
+                    "peak_cuda_mb",
+                )
             }
     out: dict[str, Any] = {"rows": rows}
     for layout in ("padded", "packed"):
@@ -423,7 +438,7 @@ def print_table(report: dict[str, Any]) -> None:
         rss = f"{row['peak_rss_mb']:.0f}" if row["peak_rss_mb"] is not None else "-"
         print(
             f"{tool:<10}{layout:<9}{row['tokens_per_second']:>10.0f}{row['train_seconds']:>9.1f}"
-            f"{row['wall_seconds']:>8.1f}{rss:>13}{gpu:>13}"
+            f"{row['train_loss']:>8.4f}{row['wall_seconds']:>8.1f}{rss:>13}{gpu:>13}"
         )
     summary = report["summary"]
     print(

@@ -36,7 +36,7 @@ def test_sft_arguments_carry_every_training_knob():
         seed=7,
         checkpointEverySteps=25,
     )
-    args = plan.sft_arguments(cfg, "bf16", "/tmp/out", cuda=True)
+    args = plan.sft_arguments(cfg, "bf16", "/tmp/out", cuda=True, varlen_attention=True)
     assert args["num_train_epochs"] == 2
     assert args["max_steps"] == -1
     assert args["learning_rate"] == 1e-4
@@ -58,6 +58,16 @@ def test_sft_arguments_on_cpu_are_fp32_and_max_steps_wins():
     args = plan.sft_arguments(config(maxSteps=10), "fp32", "/tmp/out", cuda=False)
     assert (args["bf16"], args["fp16"], args["use_cpu"]) == (False, False, True)
     assert args["max_steps"] == 10
+
+
+def test_packed_batches_become_accumulated_rows_without_varlen_attention():
+    cfg = config(batchSize=8, gradientAccumulationSteps=2, packing=True)
+    cpu = plan.sft_arguments(cfg, "fp32", "/tmp/out", cuda=False)
+    assert (cpu["per_device_train_batch_size"], cpu["gradient_accumulation_steps"]) == (1, 16)
+    flash = plan.sft_arguments(cfg, "bf16", "/tmp/out", cuda=True, varlen_attention=True)
+    assert (flash["per_device_train_batch_size"], flash["gradient_accumulation_steps"]) == (8, 2)
+    unpacked = plan.sft_arguments(config(batchSize=8, gradientAccumulationSteps=2), "fp32", "/tmp/out", cuda=False)
+    assert (unpacked["per_device_train_batch_size"], unpacked["gradient_accumulation_steps"]) == (8, 2)
 
 
 def test_sft_arguments_are_accepted_by_trl():

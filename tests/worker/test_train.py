@@ -262,10 +262,12 @@ def test_lora_merged_export_equals_base_plus_adapter(s3, bucket, store, student_
     The adapter run has the same fingerprint, finds the first run's final checkpoint and
     trains no further step: export format is not part of what a checkpoint means.
     """
-    training = {"maxSteps": 12, "learningRate": 5e-3, "checkpointEverySteps": 6}
+    # packed: without flash-attention each micro-batch is one packed row, accumulated to the batch size
+    training = {"maxSteps": 12, "learningRate": 5e-3, "checkpointEverySteps": 6, "packing": True}
     lora = {"rank": 8, "alpha": 16, "dropout": 0.0}
     merged = Worker(s3, bucket, tmp_path, "lora", training, student={"method": "lora", "lora": lora})
     assert merged.run() == 0, merged.describe()
+    assert "attention sdpa, micro-batch 1 x 16" in merged.log()
     adapter = Worker(
         s3,
         bucket,
@@ -385,8 +387,19 @@ def test_sigterm_checkpoints_and_a_rerun_resumes(s3, bucket, store, tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_with_two_cpu_processes(s3, bucket, store, tmp_path):
-    worker = Worker(s3, bucket, tmp_path, "ddp", {"maxSteps": 8, "checkpointEverySteps": 4, "batchSize": 8})
+def test_torchrun_with_two_cpu_processes(s3, bucket, store, no_template_dir, tmp_path):
+    """Data-parallel on two gloo processes; also: a student without a chat template, given one in the spec."""
+    from tests.support.tiny_model import CHAT_TEMPLATE
+
+    upload_dir(store, no_template_dir, f"s3://{bucket}/models/no-template")
+    worker = Worker(
+        s3,
+        bucket,
+        tmp_path,
+        "ddp",
+        {"maxSteps": 8, "checkpointEverySteps": 4, "batchSize": 8},
+        student={"model": f"s3://{bucket}/models/no-template", "chatTemplate": CHAT_TEMPLATE},
+    )
     argv = [
         sys.executable, "-m", "torch.distributed.run",
         "--nproc_per_node", "2", "--master_port", str(_free_port()),
@@ -395,12 +408,16 @@ def test_torchrun_with_two_cpu_processes(s3, bucket, store, tmp_path):
     assert worker.run(argv) == 0, worker.describe()
     result = worker.result()
     assert result["globalStep"] == 8
-    assert "world size 2" in worker.log()
+    log = worker.log()
+    assert "train: rank 0/2" in log and "train: rank 1/2" in log
+    # each rank reads its own half: 8 steps of 2 x 8 examples are a quarter of the 500-example epoch
+    assert re.search(r"train step 8/8 epoch 0\.25 ", log), worker.describe()
     marker = json.loads(store.get_bytes(f"{worker.doc['checkpointUri']}/checkpoint-8/COMPLETE.json"))
     assert marker["world_size"] == 2
-    assert {"rng_state_0.pth", "rng_state_1.pth", "model.safetensors"} <= set(marker["files"])
+    assert {"rng_state_0.pth", "rng_state_1.pth", "model.safetensors", "optimizer.pt"} <= set(marker["files"])
     fetched = fetch_model(store, worker.doc["outputUri"], tmp_path / "ddp-model")
     assert fetched.digest == result["digest"]
+    assert (fetched.path / "chat_template.jinja").read_text() == CHAT_TEMPLATE
 
 
 def _free_port():

@@ -97,6 +97,13 @@ def check_writable(store: ObjectStore, uri: str, what: str) -> None:
         raise WorkerError(f"{what} {uri} is not writable: {type(err).__name__}: {err}") from err
 
 
+def flash_attention_available(cuda: bool, precision: str) -> bool:
+    """flash-attn's varlen kernels: what packed (padding-free) batches want on GPUs, in half precision."""
+    import importlib.util
+
+    return cuda and precision in ("bf16", "fp16") and importlib.util.find_spec("flash_attn") is not None
+
+
 def finished_state(checkpoint_dir: Path | None) -> dict[str, Any] | None:
     """The trainer state of a checkpoint taken at the last step, or None (no checkpoint, or mid-training)."""
     if checkpoint_dir is None:
@@ -119,6 +126,7 @@ class TrainRun:
         self.training = config.student.training
         self.preemption = preemption
         self.work_dir = Path(config.work_dir)
+        self.flash_attention = False
         self.dataset_store = open_store(config.dataset_uri, config.storage)
         self.output_store = open_store(config.output_uri, config.storage)
         self.checkpoint_store = open_store(config.checkpoint_uri, config.storage)
@@ -154,17 +162,21 @@ class TrainRun:
 
         cuda = torch.cuda.is_available()
         precision = choose_precision(self.training.precision, cuda, cuda and torch.cuda.is_bf16_supported())
+        self.flash_attention = flash_attention_available(cuda, precision)
         run_dir = self.work_dir / f"run-{fingerprint[:16]}"
         # Building the arguments initialises the process group under torchrun (gloo on CPU, NCCL on GPU).
-        args = SFTConfig(**sft_arguments(config, precision, str(run_dir / "checkpoints"), cuda))
+        args = SFTConfig(**sft_arguments(config, precision, str(run_dir / "checkpoints"), cuda, self.flash_attention))
         state = PartialState()
         log.info(
-            "train: rank %d/%d, device %s, precision %s, method %s, fingerprint %s",
+            "train: rank %d/%d, device %s, precision %s, method %s, attention %s, micro-batch %d x %d, fingerprint %s",
             state.process_index,
             state.num_processes,
             state.device,
             precision,
             self.student.method,
+            "flash_attention_2" if self.flash_attention else "sdpa",
+            args.per_device_train_batch_size,
+            args.gradient_accumulation_steps,
             fingerprint[:12],
         )
 
@@ -313,6 +325,14 @@ class TrainRun:
         if latest is None:
             log.info("no checkpoint of this run in %s: starting at step 0", self.config.checkpoint_uri)
             return None
+        if latest.marker.get("world_size") not in (None, state.num_processes):
+            log.warning(
+                "checkpoint step %d was written by %d processes, this run has %d: "
+                "the data order from here on differs from an uninterrupted run",
+                latest.step,
+                latest.marker["world_size"],
+                state.num_processes,
+            )
         dest = run_dir / "resume" / f"checkpoint-{latest.step}"
         with state.local_main_process_first():
             if state.is_local_main_process:
@@ -325,8 +345,9 @@ class TrainRun:
         from transformers import AutoModelForCausalLM
 
         dtype = getattr(torch, load_dtype_name(precision, self.student.method))
+        extra = {"attn_implementation": "flash_attention_2"} if self.flash_attention else {}
         try:
-            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, **extra)
         except Exception as err:
             raise WorkerError(f"cannot load the student model {self.student.model}: {err}") from err
         # the config's vocab_size was checked already; the weights are what counts

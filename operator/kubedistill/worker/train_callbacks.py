@@ -40,6 +40,12 @@ class Preemption:
         self._previous: Any = None
 
     def install(self) -> None:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            # signal handlers belong to the main thread (local mode may run a stage elsewhere)
+            log.warning("not in the main thread: SIGTERM will not checkpoint")
+            return
         self._previous = signal.signal(signal.SIGTERM, self._handler)
 
     def restore(self) -> None:

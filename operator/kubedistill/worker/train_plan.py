@@ -62,9 +62,27 @@ def export_dtype_name(precision: Precision) -> str:
 # --------------------------------------------------------------------------- trainer arguments
 
 
-def sft_arguments(config: TrainConfig, precision: Precision, output_dir: str, cuda: bool) -> dict[str, Any]:
+def batch_layout(batch_size: int, accumulation: int, packing: bool, varlen_attention: bool) -> tuple[int, int]:
+    """(per-device micro-batch, accumulation steps) that make ``batch_size`` x ``accumulation`` rows per step.
+
+    trl packs with padding-free batches: the rows of a micro-batch are concatenated into
+    one sequence and documents are told apart by their position ids. Varlen attention
+    kernels (flash-attention) then cost what the rows cost; any other attention (SDPA on
+    CPU, or on a GPU without flash-attn) computes one masked square over the whole
+    concatenation, rows x max length wide. Micro-batches of one packed row, accumulated,
+    are the same optimisation (same rows per step, same token-weighted loss) without it.
+    """
+    if packing and not varlen_attention and batch_size > 1:
+        return 1, batch_size * accumulation
+    return batch_size, accumulation
+
+
+def sft_arguments(
+    config: TrainConfig, precision: Precision, output_dir: str, cuda: bool, varlen_attention: bool = False
+) -> dict[str, Any]:
     """Keyword arguments of trl's ``SFTConfig`` for this run; everything unset keeps trl's default."""
     t = config.student.training
+    micro_batch, accumulation = batch_layout(t.batch_size, t.gradient_accumulation_steps, t.packing, varlen_attention)
     return {
         "output_dir": output_dir,
         "num_train_epochs": t.epochs,
@@ -74,8 +92,8 @@ def sft_arguments(config: TrainConfig, precision: Precision, output_dir: str, cu
         # transformers 5 takes the warm-up ratio as a float in [0, 1) of warmup_steps
         "warmup_steps": t.warmup_ratio,
         "weight_decay": t.weight_decay,
-        "per_device_train_batch_size": t.batch_size,
-        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "per_device_train_batch_size": micro_batch,
+        "gradient_accumulation_steps": accumulation,
         "max_length": t.max_seq_length,
         "packing": t.packing,
         "completion_only_loss": t.completion_only_loss,
