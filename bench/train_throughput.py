@@ -428,7 +428,8 @@ def print_table(report: dict[str, Any]) -> None:
         f"{m['threads_per_process']} thread(s)/process, medians of {max(r['repeat'] for r in report['runs']) + 1}"
     )
     header = (
-        f"{'tool':<10}{'layout':<9}{'tokens/s':>10}{'train s':>9}{'wall s':>8}{'peak RSS MB':>13}{'peak GPU MB':>13}"
+        f"{'tool':<10}{'layout':<9}{'tokens/s':>10}{'train s':>9}{'loss':>8}{'wall s':>8}"
+        f"{'peak RSS MB':>13}{'peak GPU MB':>13}"
     )
     print(header)
     print("-" * len(header))
