@@ -254,3 +254,35 @@ def test_pods_are_admitted_under_the_restricted_standard(cluster: Cluster, names
     }
     proc = cluster.kubectl("-n", namespace, "apply", "-f", "-", input=json.dumps(bad), check=False)
     assert proc.returncode != 0 and "violates PodSecurity" in proc.stderr
+
+
+def test_multi_node_training_is_an_indexed_job_with_a_rendezvous_service(
+    cluster: Cluster, namespace: str, start_operator: OperatorFactory
+) -> None:
+    op = start_operator({"train": {ANN_HOLD: "true"}})
+    run = Run(cluster, namespace, "wide", op).apply(distillation_job("wide", nodes=2, gpus_per_node=2))
+    status = run.wait(lambda s: (s.get("stages") or {}).get("train", {}).get("phase") == "Running", "train running")
+    job_name = status["stages"]["train"]["job"]
+    job = run.batch.read_namespaced_job(job_name, namespace)
+    assert (job.spec.completion_mode, job.spec.completions, job.spec.parallelism) == ("Indexed", 2, 2)
+    service = run.core.read_namespaced_service(job_name, namespace)
+    assert service.spec.cluster_ip == "None" and service.spec.publish_not_ready_addresses is True
+    wait_for(lambda: len([p for p in run.pods("train") if p.status.phase == "Running"]) == 2, what="2 train pods")
+    pods = sorted(run.pods("train"), key=lambda p: p.metadata.annotations["batch.kubernetes.io/job-completion-index"])
+    assert [p.spec.hostname for p in pods] == [f"{job_name}-0", f"{job_name}-1"]
+    assert {p.spec.subdomain for p in pods} == {job_name}
+    for pod in pods:
+        assert set(service.spec.selector.items()) <= set(pod.metadata.labels.items())
+        command = " ".join(pod.spec.containers[0].command)
+        assert (
+            f"--nnodes 2 --nproc-per-node 2 --node-rank $(NODE_RANK) --master-addr {job_name}-0.{job_name}" in command
+        )
+        assert pod.spec.containers[0].resources.limits["nvidia.com/gpu"] == "2"
+        assert pod.spec.node_name.startswith("h100-")
+    # Let the pods finish: a Job pod deleted while Running keeps its tracking finalizer under kwok
+    # (no kubelet moves it to Failed), which would hold the namespace and the GPUs.
+    for pod in pods:
+        run.core.patch_namespaced_pod(
+            pod.metadata.name, namespace, {"metadata": {"annotations": {ANN_HOLD: "false", **OK["train"]}}}
+        )
+    run.wait_phase("Succeeded")
