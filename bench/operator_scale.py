@@ -7,7 +7,7 @@
 For each N, on the local cluster of hack/cluster (real API server, etcd, Job controller,
 scheduler; kwok plays the kubelet), in a fresh namespace:
 
-1. start the operator (`python -m kubedistill.cli operator`, a real process) watching it;
+1. start the operator (`python -m kubedistill operator`, a real process) watching it;
 2. create N DistillationJobs as fast as 8 client threads can;
 3. watch Jobs: when each DistillationJob's generate Job appears (its first reconcile),
    and its train Job (generate's pod ran to completion under kwok, the operator saw the

@@ -1,4 +1,4 @@
-"""Run the real operator (`python -m kubedistill.cli operator`) against the local test cluster.
+"""Run the real operator (`python -m kubedistill operator`) against the local test cluster.
 
     from tests.support.operator_proc import OperatorProcess
 
@@ -70,7 +70,7 @@ class OperatorProcess:
         settings_file.write_text(yaml.safe_dump(self.settings))
         port = free_port()
         argv = [
-            sys.executable, "-m", "kubedistill.cli", "operator",
+            sys.executable, "-m", "kubedistill", "operator",
             "--settings", str(settings_file),
             "--liveness", f"http://127.0.0.1:{port}/healthz",
             "--log-level", self.log_level,
