@@ -137,11 +137,10 @@ def store_bench(answers: int) -> list[dict[str, Any]]:
     """Answer store on S3: one PUT per answer vs batched PUTs; write and load times."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from tests.support.s3 import S3Server
-
     from kubedistill.api.worker_config import StorageSettings
     from kubedistill.storage.objectstore import S3Store
     from kubedistill.worker.teacher.store import Answer, AnswerStore
+    from tests.support.s3 import S3Server
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-s3-") as tmp, S3Server(tmp) as server:

@@ -56,11 +56,10 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from tests.support.datasets import skewed_lengths_task, task_corpus, trl_rows, write_dataset  # noqa: E402
-from tests.support.tiny_model import build_tiny_chat_model  # noqa: E402
-
 from kubedistill.storage.objectstore import LocalStore  # noqa: E402
 from kubedistill.worker.train_plan import load_dtype_name  # noqa: E402
+from tests.support.datasets import skewed_lengths_task, task_corpus, trl_rows, write_dataset  # noqa: E402
+from tests.support.tiny_model import build_tiny_chat_model  # noqa: E402
 
 RESULTS = REPO_ROOT / "bench" / "results" / "train_throughput.json"
 

@@ -5,6 +5,8 @@
     kubedistill crds --stdout | kubectl apply -f -
     kubedistill operator                # run the operator (kopf) against $KUBECONFIG or in-cluster
     kubedistill operator --namespace ml-team --settings /etc/kubedistill-operator/settings.yaml
+    kubedistill local run job.yaml      # run a DistillationJob's stages on this machine, then serve the model
+    kubedistill local demo              # a complete distillation on a laptop: tiny teacher, student, vLLM
     kubedistill version
 
 Each subcommand is one ``Command`` in ``COMMANDS``: a name, a help line, a
@@ -127,6 +129,69 @@ def _run_operator(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- local
+
+
+def _local_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="local_action", metavar="ACTION", required=True)
+    run = actions.add_parser("run", help="run a DistillationJob manifest's stages here, then serve the model")
+    run.add_argument("manifest", type=Path, help="YAML with a DistillationJob (and the ConfigMaps it references)")
+    run.add_argument("--name", help="which DistillationJob, when the file holds several")
+    demo = actions.add_parser("demo", help="prepare a tiny teacher, student and prompts, then run the demo job")
+    for sub in (run, demo):
+        _local_common_arguments(sub)
+
+
+def _local_common_arguments(parser: argparse.ArgumentParser) -> None:
+    from kubedistill.local.runner import DEFAULT_HOME
+
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_HOME / "runs", help="configs, logs, results")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--storage-root",
+        type=Path,
+        default=DEFAULT_HOME / "s3",
+        help="s3://bucket/key means <storage-root>/bucket/key (default: %(default)s)",
+    )
+    where.add_argument("--s3", action="store_true", help="use the real object store of spec.storage (AWS_* env)")
+    parser.add_argument(
+        "--serve-seconds",
+        type=float,
+        default=None,
+        help="serve the distilled model this long (default: until Ctrl-C; 0: do not serve)",
+    )
+    parser.add_argument("--port", type=int, default=8000, help="port of the local vLLM server")
+    parser.add_argument(
+        "--evaluate-engine", choices=["vllm", "transformers"], default="vllm", help="how the student answers"
+    )
+
+
+def _run_local(args: argparse.Namespace) -> int:
+    import logging
+
+    from kubedistill.local.runner import LocalOptions, LocalRunError, run_local
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+    options = LocalOptions(
+        workdir=args.workdir.expanduser(),
+        storage_root=None if args.s3 else args.storage_root.expanduser(),
+        serve_seconds=args.serve_seconds,
+        port=args.port,
+        evaluate_engine=args.evaluate_engine,
+    )
+    try:
+        if args.local_action == "demo":
+            from kubedistill.local.demo import run_demo
+
+            run_demo(options)
+        else:
+            run_local(args.manifest, options, args.name)
+    except LocalRunError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 # --------------------------------------------------------------------------- version
 
 
@@ -148,6 +213,7 @@ COMMANDS: list[Command] = [
         _run_operator,
         _operator_arguments,
     ),
+    Command("local", "run DistillationJobs on this machine, no cluster needed", _run_local, _local_arguments),
     Command("version", "print the version", _run_version),
 ]
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from tests.support.cluster import Cluster, cluster_session
 
 _report: dict[str, Any] = {}

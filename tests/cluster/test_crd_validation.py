@@ -11,9 +11,6 @@ from typing import Any
 
 import pytest
 import yaml
-from tests.support.api_cases import INVALID, Invalid, valid_job, valid_model
-from tests.support.cluster import Cluster, wait_for
-from tests.support.crds import REPO_ROOT, install_crds
 
 from kubedistill.api import conditions as c
 from kubedistill.api.conditions import ConditionStatus, JobPhase
@@ -26,6 +23,9 @@ from kubedistill.api.v1alpha1 import (
     StagesStatus,
     StageStatus,
 )
+from tests.support.api_cases import INVALID, Invalid, valid_job, valid_model
+from tests.support.cluster import Cluster, wait_for
+from tests.support.crds import REPO_ROOT, install_crds
 
 pytestmark = pytest.mark.cluster
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from kubernetes.client.rest import ApiException
+
 from tests.support.cluster import (
     ANN_EXIT_CODE,
     ANN_HOLD,

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from tests.support.cluster import DEFAULT_NAME, cluster_dir, component_pids, down, is_running, process_alive, up
 
 pytestmark = pytest.mark.cluster

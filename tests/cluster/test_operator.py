@@ -15,6 +15,7 @@ import secrets
 from typing import Any
 
 import pytest
+
 from tests.support import operator_proc
 from tests.support.cluster import ANN_EXIT_CODE, ANN_HOLD, ANN_MESSAGE, Cluster, wait_for
 from tests.support.djobs import distillation_job, evaluate_result

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from tests.support import operator_proc
 from tests.support.cluster import ANN_EXIT_CODE, Cluster, wait_for
 from tests.support.djobs import distillation_job

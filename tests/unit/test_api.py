@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
-from tests.support.api_cases import INVALID, Invalid, valid_job, valid_model
 
 from kubedistill.api import conditions as c
 from kubedistill.api.conditions import ConditionStatus, JobPhase, ModelPhase, Reason
@@ -19,6 +18,7 @@ from kubedistill.api.v1alpha1 import (
     StagesStatus,
     StageStatus,
 )
+from tests.support.api_cases import INVALID, Invalid, valid_job, valid_model
 
 MODELS = {"DistillationJob": DistillationJob, "DistilledModel": DistilledModel}
 

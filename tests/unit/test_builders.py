@@ -6,7 +6,6 @@ from typing import Any
 
 import pytest
 import yaml
-from tests.support.djobs import distillation_job
 
 from kubedistill.api.v1alpha1 import DistillationJob
 from kubedistill.api.worker_config import EvaluateConfig, GenerateConfig, TrainConfig
@@ -22,6 +21,7 @@ from kubedistill.builders.stages import (
 )
 from kubedistill.reconcile.keys import compute_stage_keys
 from kubedistill.settings import OperatorSettings
+from tests.support.djobs import distillation_job
 
 SETTINGS = OperatorSettings()
 H100 = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}

@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import yaml
-from tests.unit.test_builders import assert_restricted
 
 from kubedistill.api.v1alpha1 import DistilledModel, ModelArtifact, StorageSpec
 from kubedistill.api.worker_config import FetchConfig
 from kubedistill.builders import names
 from kubedistill.builders.serving import ServingPlan, build_serving_children
 from kubedistill.settings import OperatorSettings
+from tests.unit.test_builders import assert_restricted
 
 SETTINGS = OperatorSettings()
 

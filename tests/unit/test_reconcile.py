@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from tests.support.djobs import distillation_job, evaluate_result, generate_result, train_result
 
 from kubedistill.api import conditions as c
 from kubedistill.api.conditions import JobPhase, Reason, StagePhase
@@ -29,6 +28,7 @@ from kubedistill.reconcile.keys import compute_stage_keys
 from kubedistill.reconcile.observe import Termination, observe_job, parse_result, pick_termination
 from kubedistill.reconcile.status import merge_patch
 from kubedistill.settings import OperatorSettings
+from tests.support.djobs import distillation_job, evaluate_result, generate_result, train_result
 
 SETTINGS = OperatorSettings()
 NOW = "2026-01-01T00:00:00Z"

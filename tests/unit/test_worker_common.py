@@ -33,7 +33,9 @@ def test_summary_is_compact_json(termination_log):
 
 def test_invalid_config_names_the_field(tmp_path, termination_log):
     config = tmp_path / "generate.yaml"
-    config.write_text("prompts: p.jsonl\noutputUri: out\nanswerStoreUri: store\nteacher:\n  endpoint: {baseURL: ftp://x, model: m}\n")
+    config.write_text(
+        "prompts: p.jsonl\noutputUri: out\nanswerStoreUri: store\nteacher:\n  endpoint: {baseURL: ftp://x, model: m}\n"
+    )
     with pytest.raises(common.WorkerError) as err:
         common.load_config(config, GenerateConfig)
     assert "teacher.endpoint.baseURL" in str(err.value)

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tests.support.fault_stub import FaultStub
-from tests.support.s3 import s3_server
 
 from kubedistill.api.dataset import DatasetManifest, DatasetRecord, FailureRecord
 from kubedistill.api.worker_config import GenerateConfig
 from kubedistill.worker import common, generate
 from kubedistill.worker.teacher.keys import answer_key, teacher_settings
+from tests.support.fault_stub import FaultStub
+from tests.support.s3 import s3_server
 
 pytestmark = pytest.mark.worker
 

@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tests.support.s3 import s3_server
-from tests.support.tiny_model import cached_tiny_chat_model
-from tests.support.vllm_server import VLLM_CPU_ENV, vllm_server
 
 from kubedistill.api.dataset import DatasetManifest, DatasetRecord
 from kubedistill.api.worker_config import GenerateConfig, StorageSettings
 from kubedistill.storage.objectstore import S3Store, upload_dir
 from kubedistill.worker import generate
 from kubedistill.worker.teacher.keys import split_value
+from tests.support.s3 import s3_server
+from tests.support.tiny_model import cached_tiny_chat_model
+from tests.support.vllm_server import VLLM_CPU_ENV, vllm_server
 
 pytestmark = [pytest.mark.worker, pytest.mark.slow]
 

@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
 from tests.support.procs import ManagedProcess, ProcessFailed, free_port, wait_for_http
 from tests.support.s3 import S3Server, shared_s3_server
 from tests.support.tiny_model import EOS, build_tiny_chat_model, tiny_chat_model

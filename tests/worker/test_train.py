@@ -18,15 +18,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tests.support.datasets import copy_task, task_corpus, write_dataset
-from tests.support.s3 import s3_server
-from tests.support.tiny_model import build_tiny_chat_model, cached_tiny_chat_model
 
 from kubedistill.api.worker_config import StorageSettings
 from kubedistill.storage.objectstore import S3Store, upload_dir
 from kubedistill.worker import common
 from kubedistill.worker.__main__ import run_stage
 from kubedistill.worker.fetch import METADATA_NAME, fetch_model
+from tests.support.datasets import copy_task, task_corpus, write_dataset
+from tests.support.s3 import s3_server
+from tests.support.tiny_model import build_tiny_chat_model, cached_tiny_chat_model
 
 pytestmark = pytest.mark.worker
 

@@ -51,9 +51,13 @@ class GenerateConfig(ApiModel):
         description="Content-addressed store of teacher answers shared by every run of the job: "
         "an answer found here is never requested again."
     )
-    api_key_env: str = Field(default=TEACHER_API_KEY_ENV, description="Environment variable holding the teacher API key.")
+    api_key_env: str = Field(
+        default=TEACHER_API_KEY_ENV, description="Environment variable holding the teacher API key."
+    )
     storage: StorageSettings = Field(default_factory=StorageSettings)
-    work_dir: str = Field(default="/tmp/kubedistill", description="Local scratch directory (prompts, shards, teacher model).")
+    work_dir: str = Field(
+        default="/tmp/kubedistill", description="Local scratch directory (prompts, shards, teacher model)."
+    )
     flush_every: int = Field(
         default=500, ge=1, description="Write buffered answers to the answer store once this many are waiting."
     )
@@ -63,7 +67,9 @@ class GenerateConfig(ApiModel):
     shard_records: int = Field(default=10000, ge=1, description="Most records per dataset shard.")
     progress_seconds: float = Field(default=30.0, gt=0, description="Interval of progress log lines (no terminal).")
     backoff_initial_seconds: float = Field(default=1.0, gt=0, description="First retry backoff (doubles, full jitter).")
-    backoff_max_seconds: float = Field(default=60.0, gt=0, description="Longest retry backoff (Retry-After may ask more).")
+    backoff_max_seconds: float = Field(
+        default=60.0, gt=0, description="Longest retry backoff (Retry-After may ask more)."
+    )
     drain_seconds: float = Field(
         default=10.0, ge=0, description="On SIGTERM, how long requests in flight may finish before the worker exits."
     )

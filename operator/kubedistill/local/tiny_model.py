@@ -102,7 +102,7 @@ def _train_tokenizer(corpus: Sequence[str], vocab_size: int) -> Any:
         show_progress=False,
     )
     tok.train_from_iterator(list(corpus), trainer=trainer, length=len(corpus))
-    fast = PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tok,
         bos_token=BOS,
         eos_token=EOS,
@@ -165,8 +165,8 @@ def build_tiny_chat_model(
         dtype=dtype,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(getattr(torch, dtype))
-    model.generation_config = GenerationConfig(
+    model = LlamaForCausalLM(config).to(getattr(torch, dtype))  # type: ignore[no-untyped-call]
+    model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -137,7 +137,8 @@ class S3Store:
     def get_bytes(self, uri: str) -> bytes:
         bucket, key = split_s3(uri)
         try:
-            return self._client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            body: bytes = self._client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            return body
         except Exception as err:  # botocore raises many types; all mean "could not read"
             raise StorageError(f"cannot read {uri}: {_describe(err)}") from err
 
@@ -246,12 +247,14 @@ def sha256_file(path: Path) -> str:
 
 def _status(err: Exception) -> int | None:
     response = getattr(err, "response", None) or {}
-    return response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return int(status) if status is not None else None
 
 
 def _code(err: Exception) -> str | None:
     response = getattr(err, "response", None) or {}
-    return response.get("Error", {}).get("Code")
+    code = response.get("Error", {}).get("Code")
+    return str(code) if code is not None else None
 
 
 def _describe(err: Exception) -> str:

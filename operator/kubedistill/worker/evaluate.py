@@ -169,7 +169,7 @@ def generate_with_vllm(config: EvaluateConfig, model_dir: Path, conversations: l
         llm = LLM(model=config.base_model, **engine_args)
     else:
         llm = LLM(model=str(model_dir), **engine_args)
-    outputs = llm.chat(conversations, params, lora_request=lora_request, use_tqdm=False)
+    outputs = llm.chat(conversations, params, lora_request=lora_request, use_tqdm=False)  # type: ignore[arg-type]
     return [output.outputs[0].text for output in outputs]
 
 
@@ -179,13 +179,12 @@ def adapter_rank(model_dir: Path) -> int:
     return next(size for size in (8, 16, 32, 64, 128, 256, 320, 512) if size >= rank)
 
 
-def generate_with_transformers(
-    config: EvaluateConfig, model_dir: Path, conversations: list[Conversation]
-) -> list[str]:
+def generate_with_transformers(config: EvaluateConfig, model_dir: Path, conversations: list[Conversation]) -> list[str]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model: Any
     if config.base_model:
         from peft import PeftModel
 
@@ -198,7 +197,7 @@ def generate_with_transformers(
     greedy = config.sampling.temperature == 0.0
     answers = []
     for conversation in conversations:
-        inputs = tokenizer.apply_chat_template(
+        inputs: Any = tokenizer.apply_chat_template(
             conversation, add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
         with torch.no_grad():
@@ -210,5 +209,5 @@ def generate_with_transformers(
                 top_p=None if greedy else config.sampling.top_p,
                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
             )
-        answers.append(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+        answers.append(str(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)))
     return answers
