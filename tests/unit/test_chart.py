@@ -28,8 +28,8 @@ CHART = Path(__file__).resolve().parents[2] / "charts" / "kubedistill"
 VALUES_TEXT = (CHART / "values.yaml").read_text()
 VALUES: dict[str, Any] = yaml.safe_load(VALUES_TEXT)
 SCHEMA: dict[str, Any] = json.loads((CHART / "values.schema.json").read_text())
-CONSTRAINTS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength", "maxLength", "pattern")
-CONSTRAINTS += ("enum",)
+CONSTRAINTS: tuple[str, ...] = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength", "maxLength")
+CONSTRAINTS += ("pattern", "enum")
 
 
 def _errors(values: dict[str, Any]) -> list[str]:
