@@ -360,6 +360,19 @@ def test_install_runs_under_restricted_and_uninstall_keeps_the_crds(
     assert cluster.kubectl("-n", namespace, "get", "distillationjob", "kept").returncode == 0
 
 
+def wait_model(cluster: Cluster, op: OperatorProcess, namespace: str, name: str, check: Any, what: str) -> None:
+    custom = cluster.custom()
+
+    def status() -> dict[str, Any]:
+        model = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "distilledmodels", name)
+        return dict(model.get("status") or {})
+
+    try:
+        wait_for(lambda: check(status()), timeout=60, interval=0.5, what=f"DistilledModel {name} {what}")
+    except TimeoutError as err:
+        raise AssertionError(f"{err}\nstatus: {status()}\noperator log:\n{op.tail(80)}") from None
+
+
 def _token_kubeconfig(cluster: Cluster, token: str, path: Path) -> Path:
     """A kubeconfig for the same API server that authenticates with a bearer token only."""
     admin = yaml.safe_load(cluster.kubeconfig.read_text())
@@ -404,24 +417,47 @@ def test_the_operator_runs_a_distillation_with_the_chart_rbac_and_settings(
             # The run references Secrets (teacher API key, S3 credentials) that only its pods read.
             cluster.kubectl("-n", work, "create", "secret", "generic", "teacher-key", "--from-literal=api-key=sk-0")
             cluster.kubectl("-n", work, "create", "secret", "generic", "s3-creds", "--from-literal=AWS_ACCESS_KEY_ID=a")
+            # Every kind the operator writes: two-node training (Indexed Job + headless Service), an
+            # autoscaled model (HPA, PDB, Deployment, Service, fetch ConfigMap).
             manifest = distillation_job(
-                "chart", model_name="chart-bot", api_key_secret="teacher-key", storage_secret="s3-creds"
+                "chart",
+                model_name="chart-bot",
+                api_key_secret="teacher-key",
+                storage_secret="s3-creds",
+                nodes=2,
+                gpus_per_node=1,
             )
+            serving = {"autoscaling": {"minReplicas": 1, "maxReplicas": 2}, "gpus": 1}
+            manifest["spec"]["output"]["model"]["serving"] = serving
             run = Run(cluster, work, "chart", op).apply(manifest)
             status = run.wait_phase("Succeeded", timeout=120)
             assert status["distilledModel"] == "chart-bot"
-            custom = cluster.custom()
+            train_job = status["stages"]["train"]["job"]
+            assert cluster.kubectl_json("-n", work, "get", "service", train_job)["spec"]["clusterIP"] == "None"
+            wait_model(cluster, op, work, "chart-bot", lambda s: s.get("phase") == "Ready", "Ready")
+            for child in ("deployment/chart-bot-vllm", "service/chart-bot", "pdb/chart-bot-vllm", "hpa/chart-bot-vllm"):
+                cluster.kubectl("-n", work, "get", child)
 
-            def model_ready() -> bool:
-                model = custom.get_namespaced_custom_object(GROUP, VERSION, work, "distilledmodels", "chart-bot")
-                return bool(model.get("status", {}).get("phase") == "Ready")
-
-            try:
-                wait_for(model_ready, timeout=60, what="DistilledModel chart-bot Ready")
-            except TimeoutError as err:
-                raise AssertionError(f"{err}\noperator log:\n{op.tail(80)}") from None
-            # Serving children, created through server-side apply with the chart's rights.
-            cluster.kubectl("-n", work, "get", "deployment/chart-bot-vllm", "service/chart-bot", "pdb/chart-bot-vllm")
+            # A model of its own, rolled to a new version: the old version's fetch ConfigMap is pruned.
+            model = {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "DistilledModel",
+                "metadata": {"name": "pinned"},
+                "spec": {"model": {"uri": "s3://kd-test/models/v1"}, "serving": {"replicas": 1, "gpus": 0}},
+            }
+            cluster.apply(model, namespace=work)
+            wait_model(cluster, op, work, "pinned", lambda s: s.get("phase") == "Ready", "Ready")
+            cluster.kubectl("-n", work, "patch", "dm", "pinned", "--type=merge",
+                            "-p", '{"spec":{"model":{"uri":"s3://kd-test/models/v2"}}}')  # fmt: skip
+            wait_model(
+                cluster, op, work, "pinned",
+                lambda s: (s.get("currentModel") or {}).get("uri") == "s3://kd-test/models/v2", "serving v2",
+            )  # fmt: skip
+            wait_for(
+                lambda: len(cluster.kubectl_json("-n", work, "get", "configmaps", "-l", "kubedistill.io/model=pinned")
+                            ["items"]) == 1,
+                timeout=30, what="the v1 fetch ConfigMap pruned",
+            )  # fmt: skip
         log = op.log()
         for refused in ("403", "Forbidden", "forbidden", "Not enough permissions"):
             assert refused not in log, f"{refused!r} in the operator log:\n{op.tail(80)}"
