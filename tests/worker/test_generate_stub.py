@@ -24,17 +24,11 @@ from kubedistill.api.worker_config import GenerateConfig
 from kubedistill.worker import common, generate
 from kubedistill.worker.teacher.keys import answer_key, teacher_settings
 from tests.support.fault_stub import FaultStub
-from tests.support.s3 import s3_server
 
 pytestmark = pytest.mark.worker
 
 API_KEY = "sk-test-0123456789abcdef"
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    yield from s3_server(tmp_path_factory.mktemp("s3"))
 
 
 @pytest.fixture(scope="module")

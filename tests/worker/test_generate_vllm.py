@@ -20,9 +20,7 @@ from kubedistill.api.worker_config import GenerateConfig, StorageSettings
 from kubedistill.storage.objectstore import S3Store, upload_dir
 from kubedistill.worker import generate
 from kubedistill.worker.teacher.keys import split_value
-from tests.support.s3 import s3_server
-from tests.support.tiny_model import cached_tiny_chat_model
-from tests.support.vllm_server import VLLM_CPU_ENV, vllm_server
+from tests.support.vllm_server import VLLM_CPU_ENV
 
 pytestmark = [pytest.mark.worker, pytest.mark.slow]
 
@@ -33,21 +31,6 @@ PROMPTS = [{"id": f"q{i}", "prompt": f"What is {i} plus {2 * i}?"} for i in rang
     for i, w in enumerate(["cat", "dog", "tree", "river", "city", "house", "night", "green", "blue", "word"])
 ]
 BAD_LINES = [b"{truncated", json.dumps({"prompt": "x" * 3000}).encode()]
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    yield from s3_server(tmp_path_factory.mktemp("s3"))
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return cached_tiny_chat_model(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(scope="module")
-def vllm_teacher(tiny_model, tmp_path_factory):
-    yield from vllm_server(tiny_model, served_model_name="teacher", log_dir=tmp_path_factory.mktemp("vllm"))
 
 
 @pytest.fixture
@@ -137,9 +120,9 @@ def test_endpoint_teacher_vllm_server_to_s3(s3, bucket, vllm_teacher, tmp_path):
     assert (again.requested, again.reused, again.digest) == (0, 40, manifest.digest)
 
 
-def test_offline_vllm_teacher_same_format(s3, bucket, tiny_model, tmp_path):
+def test_offline_vllm_teacher_same_format(s3, bucket, tiny_model_dir, tmp_path):
     model_uri = f"s3://{bucket}/models/teacher"
-    upload_dir(S3Store(StorageSettings(endpoint=s3.endpoint_url, addressing_style="path")), tiny_model, model_uri)
+    upload_dir(S3Store(StorageSettings(endpoint=s3.endpoint_url, addressing_style="path")), tiny_model_dir, model_uri)
     doc = config_doc(
         s3, bucket, {"vllm": {"model": model_uri, "gpus": 0, "maxModelLen": 512, "dtype": "float32"}}, tmp_path
     )

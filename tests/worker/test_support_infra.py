@@ -17,28 +17,13 @@ from pathlib import Path
 import pytest
 
 from tests.support.procs import ManagedProcess, ProcessFailed, free_port, wait_for_http
-from tests.support.s3 import S3Server, shared_s3_server
+from tests.support.s3 import S3Server
 from tests.support.tiny_model import EOS, build_tiny_chat_model, tiny_chat_model
-from tests.support.vllm_server import VLLMServer, shared_vllm_server
+from tests.support.vllm_server import VLLMServer
 
 pytestmark = pytest.mark.worker
 
 MIB = 1024 * 1024
-
-
-@pytest.fixture(scope="session")
-def s3() -> S3Server:
-    return shared_s3_server()
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir() -> Path:
-    return tiny_chat_model()
-
-
-@pytest.fixture(scope="session")
-def vllm_teacher(tiny_model_dir: Path) -> VLLMServer:
-    return shared_vllm_server(tiny_model_dir, served_model_name="teacher")
 
 
 # --------------------------------------------------------------------------- S3

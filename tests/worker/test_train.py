@@ -25,7 +25,6 @@ from kubedistill.worker import common
 from kubedistill.worker.__main__ import run_stage
 from kubedistill.worker.fetch import METADATA_NAME, fetch_model
 from tests.support.datasets import copy_task, task_corpus, write_dataset
-from tests.support.s3 import s3_server
 from tests.support.tiny_model import build_tiny_chat_model, cached_tiny_chat_model
 
 pytestmark = pytest.mark.worker
@@ -38,11 +37,6 @@ SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    yield from s3_server(tmp_path_factory.mktemp("s3"))
 
 
 @pytest.fixture(scope="module")
