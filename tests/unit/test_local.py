@@ -1,0 +1,118 @@
+"""Local mode's pure parts: reading manifests, mapping the cluster's URIs onto this machine."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kubedistill.api.worker_config import EvaluateConfig, GenerateConfig, TrainConfig
+from kubedistill.builders.plan import RunPlan
+from kubedistill.local import runner
+from kubedistill.local.demo import DEMO_MANIFEST
+from kubedistill.reconcile.keys import compute_stage_keys
+
+MANIFEST = textwrap.dedent(
+    """
+    apiVersion: v1
+    kind: ConfigMap
+    metadata: {name: prompts}
+    data:
+      prompts.jsonl: |
+        {"prompt": "hello"}
+    ---
+    apiVersion: kubedistill.io/v1alpha1
+    kind: DistillationJob
+    metadata: {name: tiny}
+    spec:
+      teacher:
+        endpoint: {baseURL: "http://127.0.0.1:9/v1", model: big, apiKeySecretRef: {name: key, key: token}}
+      dataset:
+        prompts: {configMapRef: {name: prompts, key: prompts.jsonl}}
+      student: {model: "s3://models/student"}
+      output:
+        uri: s3://artifacts/tiny
+        model: {name: tiny-student}
+    """
+)
+
+
+@pytest.fixture
+def docs(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(MANIFEST)
+    return runner.load_documents(path)
+
+
+def test_finds_the_job_and_validates_it(docs):
+    job = runner.find_job(docs)
+    assert job.metadata.name == "tiny"
+    assert job.metadata.namespace == "local"
+
+
+def test_invalid_job_names_the_field(docs):
+    docs[1]["spec"]["student"]["lora"] = {"rank": 0}
+    with pytest.raises(runner.LocalRunError, match=r"spec\.student\.lora\.rank"):
+        runner.find_job(docs)
+
+
+def test_ambiguous_file_asks_for_a_name(docs):
+    twin = yaml.safe_load(yaml.safe_dump(docs[1]))
+    twin["metadata"]["name"] = "other"
+    with pytest.raises(runner.LocalRunError, match="found: tiny, other"):
+        runner.find_job([*docs, twin])
+    assert runner.find_job([*docs, twin], name="other").metadata.name == "other"
+
+
+def test_missing_config_map_is_a_clear_error(docs):
+    with pytest.raises(runner.LocalRunError, match="ConfigMap absent with key k"):
+        runner.config_map_value(docs, "absent", "k")
+
+
+def test_localise_maps_every_s3_uri_and_nothing_else(tmp_path):
+    config = {"a": "s3://bucket/x/y", "b": ["s3://b2/k", "http://s3://not"], "c": {"d": "plain"}, "n": 3}
+    assert runner.localise(config, tmp_path) == {
+        "a": str(tmp_path / "bucket/x/y"),
+        "b": [str(tmp_path / "b2/k"), "http://s3://not"],
+        "c": {"d": "plain"},
+        "n": 3,
+    }
+    assert runner.localise(config, None) is config
+
+
+def test_stage_configs_are_the_operators_rewritten_for_this_machine(docs, tmp_path):
+    job = runner.find_job(docs)
+    plan = RunPlan(job=job, keys=compute_stage_keys(job.spec))
+    options = runner.LocalOptions(workdir=tmp_path / "runs", storage_root=tmp_path / "s3")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    configs = runner.stage_configs(plan, docs, options, run_dir)
+
+    generate = GenerateConfig.model_validate(configs["generate"])
+    assert Path(generate.prompts).read_text() == '{"prompt": "hello"}\n'  # the ConfigMap's content
+    assert generate.output_uri == str(tmp_path / "s3" / "artifacts/tiny/datasets" / plan.keys.generate)
+    train = TrainConfig.model_validate(configs["train"])
+    assert train.student.model == str(tmp_path / "s3/models/student")
+    assert train.dataset_uri == generate.output_uri
+    evaluate = EvaluateConfig.model_validate(configs["evaluate"])
+    assert evaluate.engine == "vllm"
+    assert evaluate.model_uri == train.output_uri
+    assert all(config["workDir"].startswith(str(run_dir)) for config in configs.values())
+    assert "s3://" not in yaml.safe_dump(configs)
+
+
+def test_gate(docs):
+    job = runner.find_job(docs)
+    lines: list[str] = []
+    runner.check_gate(job, {"teacherAgreement": 0.96, "reportUri": "r"}, lines.append)
+    assert "passed" in lines[-1]
+    with pytest.raises(runner.QualityGateFailed, match=r"0\.940 is below evaluation\.minTeacherAgreement 0\.950"):
+        runner.check_gate(job, {"teacherAgreement": 0.94, "reportUri": "r"}, lines.append)
+
+
+def test_the_demo_manifest_is_a_valid_distillation_job():
+    job = runner.find_job(runner.load_documents(DEMO_MANIFEST))
+    assert job.spec.teacher.vllm is not None and job.spec.teacher.vllm.gpus == 0
+    assert job.spec.evaluation.min_teacher_agreement >= 0.95
