@@ -126,3 +126,35 @@ def test_a_model_that_follows_a_job_serves_its_latest_successful_run(
     status = run.wait_phase("Succeeded")
     served = model.wait(lambda s: s.get("phase") == "Ready", "Ready with the job's model")
     assert served["currentModel"] == status["model"]
+
+
+def test_switching_autoscaling_off_removes_the_hpa(
+    cluster: Cluster, namespace: str, start_operator: OperatorFactory
+) -> None:
+    """An HPA left behind would keep rescaling the Deployment against spec.serving.replicas."""
+    start_operator()
+    serving = {"gpus": 1, "autoscaling": {"minReplicas": 1, "maxReplicas": 3}}
+    cluster.apply(
+        {
+            "apiVersion": "kubedistill.io/v1alpha1",
+            "kind": "DistilledModel",
+            "metadata": {"name": "elastic"},
+            "spec": {"model": {"uri": V1}, "serving": serving},
+        },
+        namespace=namespace,
+    )
+    model = Model(cluster, namespace, "elastic")
+    model.wait(lambda s: s.get("phase") == "Ready", "Ready")
+    autoscaling = cluster.kubectl_json("-n", namespace, "get", "hpa", "elastic-vllm")
+    assert autoscaling["spec"]["maxReplicas"] == 3
+
+    patch = '{"spec":{"serving":{"autoscaling":null,"replicas":2}}}'
+    cluster.kubectl("-n", namespace, "patch", "dm", "elastic", "--type=merge", "-p", patch)
+    wait_for(
+        lambda: not cluster.kubectl("-n", namespace, "get", "hpa", "-o", "name").stdout.strip(),
+        timeout=60,
+        interval=0.5,
+        what="the HPA to be deleted",
+    )
+    status = model.wait(lambda s: s.get("readyReplicas") == 2, "2 replicas without the HPA")
+    assert status["phase"] == "Ready"

@@ -154,3 +154,22 @@ def test_from_job_rerunning_keeps_what_is_served() -> None:
     assert rerun.apply == []
     assert rerun.status.phase == ModelPhase.READY
     assert rerun.status.current_model is not None and rerun.status.current_model.uri == URI
+
+
+def test_switching_autoscaling_off_deletes_the_hpa() -> None:
+    autoscaled = dm(model={"uri": URI}, serving={"autoscaling": {"minReplicas": 1, "maxReplicas": 3}})
+    on = compute_model_decision(autoscaled, SETTINGS, ModelObservations(deployment=None), NOW)
+    applied = {x["kind"]: x for x in on.apply}
+    assert "HorizontalPodAutoscaler" in applied and on.delete == []
+    assert applied["Deployment"]["metadata"]["annotations"] == {names.ANNOTATION_AUTOSCALED: "true"}
+    assert "replicas" not in applied["Deployment"]["spec"]  # the HPA owns replicas
+
+    observed = deployment()
+    observed["metadata"]["annotations"] = {names.ANNOTATION_AUTOSCALED: "true"}
+    off = compute_model_decision(dm(model={"uri": URI}), SETTINGS, ModelObservations(deployment=observed), NOW)
+    assert off.delete == [("autoscaling/v2", "HorizontalPodAutoscaler", names.model_hpa_name("faq"))]
+    deployment_off = next(x for x in off.apply if x["kind"] == "Deployment")
+    assert "annotations" not in deployment_off["metadata"] and deployment_off["spec"]["replicas"] == 1
+    # Never autoscaled: nothing to delete, no extra API call.
+    never = compute_model_decision(dm(), SETTINGS, ModelObservations(deployment=deployment()), NOW)
+    assert never.delete == []

@@ -109,7 +109,7 @@ a create: every kind the operator applies needs both create and patch.
   verbs: ["create", "patch"]
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
-  verbs: ["create", "patch"]
+  verbs: ["create", "patch", "delete"]
 {{- end }}
 
 {{/*

@@ -50,6 +50,9 @@ LABEL_KUEUE_QUEUE: Final = "kueue.x-k8s.io/queue-name"
 
 ANNOTATION_MODEL_URI: Final = "kubedistill.io/model-uri"
 ANNOTATION_MODEL_DIGEST: Final = "kubedistill.io/model-digest"
+# On a serving Deployment: an HPA owns its replicas. When autoscaling is switched off, the
+# annotation on the observed Deployment is how the next reconcile knows an HPA is left to delete.
+ANNOTATION_AUTOSCALED: Final = "kubedistill.io/autoscaled"
 
 APP: Final = "kubedistill"
 MANAGED_BY: Final = "kubedistill"

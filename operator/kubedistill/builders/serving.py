@@ -257,14 +257,12 @@ def build_deployment(plan: ServingPlan, settings: OperatorSettings) -> dict[str,
             "spec": pod_spec,
         },
     }
+    metadata = plan.metadata(names.model_deployment_name(plan.name))
     if serving.autoscaling is None:
         deployment_spec["replicas"] = serving.replicas
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": plan.metadata(names.model_deployment_name(plan.name)),
-        "spec": deployment_spec,
-    }
+    else:
+        metadata["annotations"] = {names.ANNOTATION_AUTOSCALED: "true"}
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": metadata, "spec": deployment_spec}
 
 
 def build_service(plan: ServingPlan, settings: OperatorSettings) -> dict[str, Any]:

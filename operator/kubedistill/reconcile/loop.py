@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 
 from kubedistill.api import conditions as c
+from kubedistill.api.base import describe_validation_error
 from kubedistill.api.conditions import JobPhase, Reason, now_rfc3339
 from kubedistill.api.v1alpha1 import API_VERSION, DistillationJob, DistillationJobStatus, DistilledModel
 from kubedistill.builders import names
@@ -69,14 +70,6 @@ class Outcome:
 
     phase: str | None
     active: bool
-
-
-def describe_validation_error(err: ValidationError) -> str:
-    parts = []
-    for item in err.errors():
-        where = ".".join(str(p) for p in item["loc"]) or "(root)"
-        parts.append(f"{where}: {item['msg']}")
-    return "; ".join(parts)
 
 
 async def _write_status(
@@ -226,6 +219,8 @@ async def reconcile_distilled_model(cluster: Cluster, settings: OperatorSettings
         source_job = await cluster.get(API_VERSION, DJ_KIND, namespace, dm.spec.from_job.name)
     obs = ModelObservations(deployment=deployment, source_job=source_job)
     decision = compute_model_decision(dm, settings, obs, now_rfc3339())
+    for api_version, kind, child_name in decision.delete:
+        await cluster.delete(api_version, kind, namespace, child_name)
     for child in decision.apply:
         await cluster.apply(child)
     if decision.keep_fetch_config is not None:

@@ -47,6 +47,9 @@ class ModelDecision:
     progressing: bool = False
     # Once a rollout completes, fetch ConfigMaps of older versions can go (none but this one).
     keep_fetch_config: str | None = None
+    # (apiVersion, kind, name) of children to delete before applying: an HPA whose
+    # autoscaling was switched off would otherwise keep rescaling the Deployment.
+    delete: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,11 @@ def _deployment_condition(deployment: Mapping[str, Any], type_: str) -> Mapping[
     return None
 
 
+def _autoscaled(deployment: Mapping[str, Any] | None) -> bool:
+    annotations = ((deployment or {}).get("metadata") or {}).get("annotations") or {}
+    return bool(annotations.get(names.ANNOTATION_AUTOSCALED) == "true")
+
+
 def compute_model_decision(
     dm: DistilledModel, settings: OperatorSettings, obs: ModelObservations, now: str
 ) -> ModelDecision:
@@ -109,6 +117,8 @@ def compute_model_decision(
     # Without a resolvable source, whatever is deployed keeps serving: nothing is applied.
     if source.plan is not None:
         decision.apply = build_serving_children(source.plan, settings)
+    if dm.spec.serving.autoscaling is None and _autoscaled(obs.deployment):
+        decision.delete.append(("autoscaling/v2", "HorizontalPodAutoscaler", names.model_hpa_name(name)))
 
     serving = dm.spec.serving
     desired = serving.replicas if serving.autoscaling is None else None
