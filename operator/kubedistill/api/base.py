@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.alias_generators import to_camel
 
 
@@ -27,3 +27,12 @@ class ApiModel(BaseModel):
     def to_wire(self) -> dict[str, Any]:
         """The camelCase dict a manifest or config file holds (unset optionals dropped)."""
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    """pydantic's errors as one line a user can act on: 'spec.student.lora.rank: Input should be ...; ...'."""
+    parts = []
+    for item in err.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(root)"
+        parts.append(f"{where}: {item['msg']}")
+    return "; ".join(parts)

@@ -34,6 +34,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from kubedistill.api.base import describe_validation_error
 from kubedistill.api.v1alpha1 import DistillationJob
 from kubedistill.api.worker_config import (
     TEACHER_API_KEY_ENV,
@@ -122,8 +123,7 @@ def find_job(docs: list[dict[str, Any]], name: str | None = None) -> Distillatio
     try:
         return DistillationJob.model_validate(doc)
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        raise LocalRunError(f"invalid DistillationJob: {problems}") from err
+        raise LocalRunError(f"invalid DistillationJob: {describe_validation_error(err)}") from err
 
 
 def config_map_value(docs: list[dict[str, Any]], name: str, key: str) -> str:

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from kubedistill.api.base import describe_validation_error
 from kubedistill.api.worker_config import TERMINATION_LOG
 
 # Kubernetes keeps at most 4096 bytes of a termination message.
@@ -68,15 +69,6 @@ def load_config(path: str | Path, model: type[ConfigT]) -> ConfigT:
         return model.model_validate(raw or {})
     except ValidationError as err:
         raise WorkerError(f"invalid config {path}: {describe_validation_error(err)}") from err
-
-
-def describe_validation_error(err: ValidationError) -> str:
-    """pydantic's errors as one line: 'teacher.sampling.temperature: Input should be ...; ...'."""
-    parts = []
-    for item in err.errors():
-        where = ".".join(str(p) for p in item["loc"]) or "(root)"
-        parts.append(f"{where}: {item['msg']}")
-    return "; ".join(parts)
 
 
 def configure_logging() -> None:
