@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import time
 
 from kubedistill.api.dataset import DatasetCounts, DatasetManifest, DatasetRecord, Message, dataset_digest
@@ -34,6 +36,32 @@ def test_answers_flush_in_batches_and_load_back(tmp_path):
     assert again.get("k4") == Answer("k4", "a4", "length", 5, 7, None)
     assert again.get("k3").logprobs == [{"token": "a", "logprob": -0.1, "top": {}}]
     assert "k1" in again and "nope" not in again
+
+
+class GatedStore(LocalStore):
+    """A store whose PUTs wait until the test opens the gate: a write still queued or running."""
+
+    def __init__(self):
+        self.gate = threading.Event()
+
+    def put_bytes(self, uri, data, content_type=None):
+        self.gate.wait(10)
+        super().put_bytes(uri, data, content_type)
+
+
+async def test_a_cancelled_flush_still_writes_its_batch(tmp_path):
+    """Shutdown cancels the flusher mid-PUT: the answers already taken from the buffer must land."""
+    backend = GatedStore()
+    store = AnswerStore.for_partition(backend, str(tmp_path / "answers"), "abc", flush_every=2)
+    store.add([Answer("k1", "a1"), Answer("k2", "a2")])
+    flusher = asyncio.create_task(store.aflush())
+    await asyncio.sleep(0.05)  # the batch has left the buffer; its PUT waits at the gate
+    assert store.pending == 0
+    flusher.cancel()
+    await asyncio.gather(flusher, return_exceptions=True)
+    backend.gate.set()
+    assert await store.aflush() == 0  # nothing new, but it waits for the orphaned write
+    assert make_store(tmp_path).load() == 2
 
 
 def test_flush_is_due_after_flush_seconds(tmp_path):

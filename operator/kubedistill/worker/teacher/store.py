@@ -107,6 +107,7 @@ class AnswerStore:
         self._oldest: float | None = None
         self._write_lock = threading.Lock()  # one batch PUT at a time keeps names ordered
         self._async_lock: asyncio.Lock | None = None
+        self._unsettled: list[asyncio.Future[None]] = []
 
     @classmethod
     def for_partition(cls, store: ObjectStore, store_uri: str, settings_digest: str, **kwargs: Any) -> AnswerStore:
@@ -205,12 +206,27 @@ class AnswerStore:
         return batch[2]
 
     async def aflush(self) -> int:
-        """``flush`` without blocking the event loop: the PUT runs in a thread."""
+        """``flush`` without blocking the event loop: the PUT runs in a thread.
+
+        Once answers leave the buffer their PUT must happen, even if the caller is
+        cancelled (the run shutting down): cancelling ``to_thread`` before the executor
+        starts it would drop the batch silently. So the PUT is shielded, and the next
+        ``aflush`` first waits for writes whose caller went away (raising their errors).
+        """
         if self._async_lock is None:
             self._async_lock = asyncio.Lock()
         async with self._async_lock:
+            await self._settle()
             batch = self._take()
             if batch is None:
                 return 0
-            await asyncio.to_thread(self._write, *batch)
+            write = asyncio.ensure_future(asyncio.to_thread(self._write, *batch))
+            self._unsettled.append(write)
+            await asyncio.shield(write)
+            self._unsettled.remove(write)
             return batch[2]
+
+    async def _settle(self) -> None:
+        while self._unsettled:
+            await self._unsettled[0]
+            self._unsettled.pop(0)
