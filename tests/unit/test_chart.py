@@ -15,14 +15,13 @@ import re
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
 
 from kubedistill import __version__
 from kubedistill.builders.settings import OperatorSettings
 from kubedistill.kube.client import PLURALS
-
-jsonschema = pytest.importorskip("jsonschema")
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "kubedistill"
 VALUES_TEXT = (CHART / "values.yaml").read_text()

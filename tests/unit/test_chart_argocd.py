@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import jsonschema
+import lupa.lua51
 import pytest
 import yaml
 
@@ -37,7 +39,6 @@ def _docs(name: str) -> list[dict[str, Any]]:
 
 
 def test_chart_application_installs_the_chart_with_schema_valid_values() -> None:
-    jsonschema = pytest.importorskip("jsonschema")
     [app] = _docs("kubedistill.yaml")
     assert (app["apiVersion"], app["kind"]) == ("argoproj.io/v1alpha1", "Application")
     source = app["spec"]["source"]
@@ -76,8 +77,7 @@ def _script(kind: str) -> str:
 
 def health(kind: str, obj: dict[str, Any]) -> tuple[str, str]:
     """(status, message) of Argo CD's health check of ``obj``."""
-    lupa = pytest.importorskip("lupa.lua51", reason="lupa runs the Lua health checks")
-    lua = lupa.LuaRuntime(unpack_returned_tuples=True)
+    lua = lupa.lua51.LuaRuntime(unpack_returned_tuples=True)
     # Argo CD hands the object over as JSON: no Python types beyond dict, list, str, number, bool.
     lua.globals().obj = lua.table_from(json.loads(json.dumps(obj)), recursive=True)
     result = lua.execute(_script(kind))
