@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from kubedistill.api import crdgen
+from kubedistill.api.conditions import JobPhase
 from kubedistill.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -128,15 +129,7 @@ def test_distillation_job_crd() -> None:
     teacher = spec["properties"]["teacher"]
     assert teacher["x-kubernetes-validations"][0]["rule"] == "has(self.endpoint) != has(self.vllm)"
     status = _schema(crd)["properties"]["status"]["properties"]
-    assert status["phase"]["enum"] == [
-        "Pending",
-        "Generating",
-        "Training",
-        "Evaluating",
-        "Publishing",
-        "Succeeded",
-        "Failed",
-    ]
+    assert status["phase"]["enum"] == [phase.value for phase in JobPhase]
     conditions = status["conditions"]
     assert conditions["x-kubernetes-list-type"] == "map" and conditions["x-kubernetes-list-map-keys"] == ["type"]
     assert conditions["items"]["required"] == ["type", "status", "reason", "lastTransitionTime"]

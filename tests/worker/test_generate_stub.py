@@ -293,18 +293,15 @@ def _wait_for_stored(job: Job, proc: subprocess.Popen[str], at_least: int, timeo
     raise AssertionError(f"fewer than {at_least} answers stored after {timeout}s")
 
 
+def slow_job(s3, stub, tmp_path, total, **flush):
+    """A run long enough to interrupt: 50 ms per answer, 4 in flight."""
+    stub.script({}, latency=0.05)
+    return Job(s3, stub, tmp_path, prompts(total), **flush, teacher={"endpoint": {"maxConcurrency": 4}})
+
+
 def test_sigkill_mid_run_then_resume_never_asks_twice(s3, stub, env, tmp_path):
     total = 300
-    stub.script({}, latency=0.05)
-    job = Job(
-        s3,
-        stub,
-        tmp_path,
-        prompts(total),
-        flushEvery=20,
-        flushSeconds=0.25,
-        teacher={"endpoint": {"maxConcurrency": 4}},
-    )
+    job = slow_job(s3, stub, tmp_path, total, flushEvery=20, flushSeconds=0.25)
     proc = job.cli(env)
     try:
         _wait_for_stored(job, proc, at_least=60)
@@ -346,16 +343,7 @@ def test_sigkill_mid_run_then_resume_never_asks_twice(s3, stub, env, tmp_path):
 
 def test_sigterm_stores_every_answer_received_and_exits_preempted(s3, stub, env, tmp_path):
     total = 300
-    stub.script({}, latency=0.05)
-    job = Job(
-        s3,
-        stub,
-        tmp_path,
-        prompts(total),
-        flushEvery=1000,
-        flushSeconds=60,
-        teacher={"endpoint": {"maxConcurrency": 4}},
-    )
+    job = slow_job(s3, stub, tmp_path, total, flushEvery=1000, flushSeconds=60)
     proc = job.cli(env)
     deadline = time.monotonic() + 60
     while len(stub.requests()) < 40:
