@@ -73,7 +73,10 @@ def test_generate_with_an_api_teacher_is_cpu_only_and_gets_the_key_by_reference(
     }
     assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {"name": "s3creds", "key": "AWS_ACCESS_KEY_ID"}
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "s3creds"
-    assert all("value" not in e or e["name"] == "KUBEDISTILL_LOG_LEVEL" for e in env.values())
+    plain = {"KUBEDISTILL_LOG_LEVEL", "KUBEDISTILL_GRACE_SECONDS"}
+    assert all("value" not in e or e["name"] in plain for e in env.values())
+    # The worker knows its grace period, to exit within it (and say so) rather than be SIGKILLed.
+    assert env["KUBEDISTILL_GRACE_SECONDS"]["value"] == str(pod["terminationGracePeriodSeconds"]) == "30"
     assert container["command"] == ["kubedistill-worker", "generate", "--config", "/etc/kubedistill/generate.yaml"]
     assert container["terminationMessagePath"] == "/dev/termination-log"
     assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"

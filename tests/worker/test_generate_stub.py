@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -359,3 +360,85 @@ def test_sigterm_stores_every_answer_received_and_exits_preempted(s3, stub, env,
     by_key = {job.key_of(f"prompt-{i}"): f"prompt-{i}" for i in range(total)}
     assert {by_key[k] for k in job.stored_keys()} == answered
     assert len(answered) < total
+
+
+# --------------------------------------------------------------------------- nothing finishes and then hangs
+
+
+def _run_bounded(config: GenerateConfig, seconds: float) -> bool:
+    """generate.run in a daemon thread; False when it has not returned within ``seconds`` (a hang)."""
+    outcome: list[object] = []
+    thread = threading.Thread(target=lambda: outcome.append(generate.run(config)), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return bool(outcome)
+
+
+def test_every_short_run_returns(s3, stub, env, tmp_path):
+    """The CI hang, in process: the last answer wakes the flusher as the run shuts it down.
+
+    With ``flushEvery: 1`` every answer wakes the flusher; before the fix, 7 of these 40 runs
+    never returned (the flusher's cancellation was lost in ``asyncio.wait_for``); after it, none.
+    """
+    stub.script({}, latency=0.0)
+    hung = []
+    for run in range(40):
+        local = tmp_path / f"run{run}"
+        local.mkdir()
+        (local / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts(6)))
+        config = GenerateConfig.model_validate(
+            {
+                "prompts": str(local / "prompts.jsonl"),
+                "outputUri": str(local / "dataset"),
+                "answerStoreUri": str(local / "answers"),  # a local store: the fastest flush, the tightest race
+                "teacher": {"endpoint": {"baseURL": stub.base_url, "model": "stub", "maxConcurrency": 4}},
+                "workDir": str(local / "work"),
+                "flushEvery": 1,
+                "flushSeconds": 0.01,
+            }
+        )
+        if not _run_bounded(config, 15):
+            hung.append(run)
+    assert not hung, f"runs {hung} did not return"
+
+
+def _burn_cpu(seconds: float) -> subprocess.Popen[bytes]:
+    code = f"import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end: pass\n"
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def test_kill_and_resume_under_cpu_load_never_hangs_nor_asks_twice(s3, stub, env, tmp_path):
+    """The loaded CI machine, reproduced: SIGKILL mid-run and resume, again and again, with every core busy."""
+    total = 160
+    job = slow_job(s3, stub, tmp_path, total, flushEvery=1, flushSeconds=0.05)
+    burners = [_burn_cpu(150) for _ in range(os.cpu_count() or 2)]
+    try:
+        for cycle, at_least in enumerate((10, 40, 80, 120)):
+            stub.reset()
+            stored_before = job.stored_keys()
+            proc = job.cli(env)
+            try:
+                _wait_for_stored(job, proc, at_least=at_least, timeout=90)
+            finally:
+                proc.send_signal(signal.SIGKILL)
+                proc.communicate(timeout=30)
+            by_key = {job.key_of(f"prompt-{i}"): f"prompt-{i}" for i in range(total)}
+            again = {by_key[k] for k in stored_before} & set(asked(stub))
+            assert not again, f"cycle {cycle}: stored answers asked again: {sorted(again)[:5]}"
+
+        stub.reset()
+        proc = job.cli(env)
+        try:
+            out, _ = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+            raise AssertionError(f"the resumed worker finished nothing or hung:\n{out[-3000:]}") from None
+        assert proc.returncode == 0, out
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
+    assert len(job.records()) == total
+    stored = job.stored_keys()
+    assert len(stored) == total

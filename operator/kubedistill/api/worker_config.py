@@ -22,6 +22,8 @@ from kubedistill.api.v1alpha1 import EvaluationSpec, Sampling, StudentSpec, Teac
 TEACHER_API_KEY_ENV = "KUBEDISTILL_TEACHER_API_KEY"
 CONFIG_DIR = "/etc/kubedistill"
 TERMINATION_LOG = "/dev/termination-log"
+# The pod's terminationGracePeriodSeconds: how long a stage has after SIGTERM.
+GRACE_SECONDS_ENV = "KUBEDISTILL_GRACE_SECONDS"
 
 Stage = Literal["generate", "train", "evaluate", "fetch"]
 STAGES: tuple[Stage, ...] = ("generate", "train", "evaluate")

@@ -18,6 +18,7 @@ import yaml
 from kubedistill.api.v1alpha1 import Toleration
 from kubedistill.api.worker_config import (
     CONFIG_DIR,
+    GRACE_SECONDS_ENV,
     TEACHER_API_KEY_ENV,
     TERMINATION_LOG,
     EvaluateConfig,
@@ -44,6 +45,7 @@ SCRATCH_DIR = "/tmp/kubedistill"  # the workers' default workDir
 EXIT_FAILED = 1  # a WorkerError: bad input or a gate the worker checks; retrying cannot help
 EXIT_PREEMPTED = 143  # SIGTERM after a checkpoint: not the workload's fault
 TRAIN_GRACE_SECONDS = 300  # time to write a checkpoint after SIGTERM
+GRACE_SECONDS = 30  # the other stages: drain requests in flight, store answers (Kubernetes' default)
 
 
 @dataclass(frozen=True)
@@ -246,9 +248,17 @@ def _command(plan: RunPlan, stage: Stage, placement: Placement, settings: Operat
     ]  # fmt: skip
 
 
+def grace_seconds(stage: Stage) -> int:
+    """The stage pod's terminationGracePeriodSeconds; the worker is told it too, to exit within it."""
+    return TRAIN_GRACE_SECONDS if stage == "train" else GRACE_SECONDS
+
+
 def _env(plan: RunPlan, stage: Stage, placement: Placement, settings: OperatorSettings) -> list[dict[str, Any]]:
     spec = plan.job.spec
-    env: list[dict[str, Any]] = [{"name": "KUBEDISTILL_LOG_LEVEL", "value": settings.log_level}]
+    env: list[dict[str, Any]] = [
+        {"name": "KUBEDISTILL_LOG_LEVEL", "value": settings.log_level},
+        {"name": GRACE_SECONDS_ENV, "value": str(grace_seconds(stage))},
+    ]
     if stage == "generate" and spec.teacher.endpoint is not None and spec.teacher.endpoint.api_key_secret_ref:
         env.append(secret_env(TEACHER_API_KEY_ENV, spec.teacher.endpoint.api_key_secret_ref))
     env.extend(storage_env(spec.storage))
@@ -364,7 +374,7 @@ def build_stage_job(plan: RunPlan, stage: Stage, settings: OperatorSettings) -> 
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": pod_security_context(settings),
-        "terminationGracePeriodSeconds": TRAIN_GRACE_SECONDS if stage == "train" else 30,
+        "terminationGracePeriodSeconds": grace_seconds(stage),
         "containers": [container],
         "volumes": volumes,
     }

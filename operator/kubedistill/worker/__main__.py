@@ -21,10 +21,12 @@ from collections.abc import Sequence
 
 from kubedistill.worker.common import (
     EXIT_FAILED,
+    EXIT_INTERNAL,
     EXIT_PREEMPTED,
     Preempted,
     WorkerError,
     configure_logging,
+    exit_deadline,
     load_config,
     write_termination_message,
 )
@@ -35,7 +37,8 @@ STAGE_MODULES = {
     "evaluate": "kubedistill.worker.evaluate",
     "fetch": "kubedistill.worker.fetch",
 }
-EXIT_INTERNAL = 2
+# After the stage has ended (its result written), the process has this long to exit.
+EXIT_AFTER_STAGE_SECONDS = 60.0
 log = logging.getLogger("kubedistill.worker")
 
 
@@ -72,7 +75,11 @@ def run_stage(stage: str, config_path: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
     args = parse_args(argv)
-    return run_stage(args.stage, args.config)
+    exit_deadline.enabled = True
+    code = run_stage(args.stage, args.config)
+    # Nothing may hold a finished stage's pod: not a thread that never ends, not an exit handler.
+    exit_deadline.arm(EXIT_AFTER_STAGE_SECONDS, code, f"{args.stage} ended with exit code {code}")
+    return code
 
 
 if __name__ == "__main__":

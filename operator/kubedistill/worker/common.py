@@ -12,10 +12,13 @@ code and ``/dev/termination-log``:
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import json
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,11 +26,12 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from kubedistill.api.base import describe_validation_error
-from kubedistill.api.worker_config import TERMINATION_LOG
+from kubedistill.api.worker_config import GRACE_SECONDS_ENV, TERMINATION_LOG
 
 # Kubernetes keeps at most 4096 bytes of a termination message.
 TERMINATION_MESSAGE_LIMIT = 4096
 EXIT_FAILED = 1
+EXIT_INTERNAL = 2
 EXIT_PREEMPTED = 143
 
 log = logging.getLogger("kubedistill.worker")
@@ -77,4 +81,85 @@ def configure_logging() -> None:
         level=level,
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+
+
+class ExitDeadline:
+    """The last resort against a worker that is done, or told to stop, and still does not exit.
+
+    ``arm(seconds, ...)`` starts (or moves) a deadline; when it passes, every thread's stack
+    goes to stderr (the pod log says where it hung), the termination message is replaced
+    when a ``message`` is given, and the process ends with ``code`` at once (``os._exit``:
+    no cleanup that could hang again). ``disarm()`` cancels it. The timer thread is a daemon,
+    so it also fires while the interpreter waits for other threads at exit.
+    """
+
+    def __init__(self) -> None:
+        self._timer: threading.Timer | None = None
+        self._lock = threading.Lock()
+        # Off unless the worker runs as its own process (kubedistill-worker): a stage that a
+        # test or bench runs in-process must never end the caller's process.
+        self.enabled = False
+
+    def arm(self, seconds: float, code: int, reason: str, message: str | None = None) -> None:
+        if not self.enabled:
+            return
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = threading.Timer(seconds, self._expire, args=(seconds, code, reason, message))
+            self._timer.daemon = True
+            self._timer.name = "kubedistill-exit-deadline"
+            self._timer.start()
+
+    def disarm(self) -> None:
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+    @property
+    def armed(self) -> bool:
+        return self._timer is not None and self._timer.is_alive()
+
+    def _expire(self, seconds: float, code: int, reason: str, message: str | None) -> None:
+        log.error("exit deadline: %s, and the process did not end within %.0fs; stacks follow", reason, seconds)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        if message is not None:
+            write_termination_message(message)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(code)
+
+
+exit_deadline = ExitDeadline()
+
+
+# Time a stage keeps after SIGTERM for what it must not lose, below the pod's grace period,
+# so that the stage, not the kubelet's SIGKILL, says how it ended.
+EXIT_MARGIN_SECONDS = 5.0
+DEFAULT_GRACE_SECONDS = 30.0
+
+
+def grace_seconds() -> float:
+    """The pod's terminationGracePeriodSeconds, as the operator passes it (30 s, Kubernetes' default, if unset)."""
+    try:
+        return float(os.environ.get(GRACE_SECONDS_ENV, DEFAULT_GRACE_SECONDS))
+    except ValueError:
+        return DEFAULT_GRACE_SECONDS
+
+
+def on_sigterm(saving: str) -> None:
+    """Every stage's SIGTERM handler calls this: ``saving`` (what it finishes first) gets the grace period.
+
+    Past it, the exit deadline ends the process as preempted, with a message saying so,
+    before the kubelet's SIGKILL would end it without one.
+    """
+    budget = max(1.0, grace_seconds() - EXIT_MARGIN_SECONDS)
+    exit_deadline.arm(
+        budget,
+        EXIT_PREEMPTED,
+        f"SIGTERM while {saving}",
+        f"Preempted: SIGTERM, and {saving} did not finish within {budget:.0f}s; a restart resumes from what was saved",
     )

@@ -33,15 +33,11 @@ exits as preempted: a restart resumes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import shutil
-import signal
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,56 +54,19 @@ from kubedistill.api.dataset import (
 from kubedistill.api.worker_config import GenerateConfig, GenerateResult
 from kubedistill.storage.objectstore import ObjectStore, StorageError, is_s3, local_path, open_store
 from kubedistill.worker.common import Preempted, WorkerError
-from kubedistill.worker.teacher.endpoint import CallStats, EndpointClient, FatalTeacherError, TeacherCallError
 from kubedistill.worker.teacher.keys import settings_digest, teacher_settings
-from kubedistill.worker.teacher.limits import RateLimits, token_charge
+from kubedistill.worker.teacher.online import EndpointPass
+from kubedistill.worker.teacher.plan import Failure, Plan, RunStats, make_plan, missing_work
 from kubedistill.worker.teacher.progress import Progress
 from kubedistill.worker.teacher.prompts import Prompt, Rejected, ScanOptions, Source, scan
-from kubedistill.worker.teacher.store import Answer, AnswerStore, StoreStats
+from kubedistill.worker.teacher.store import Answer, AnswerStore
 from kubedistill.worker.teacher.writer import DatasetWriter
+
+# Re-exported for callers that read the run's statistics (bench/, tests).
+__all__ = ["CONFIG", "Failure", "Plan", "RunStats", "main", "run"]
 
 CONFIG = GenerateConfig
 log = logging.getLogger("kubedistill.worker.generate")
-
-
-@dataclass
-class Plan:
-    """What the prompt set holds and what is left to ask."""
-
-    prompts: int = 0
-    train: int = 0
-    eval: int = 0
-    malformed: int = 0
-    too_long: int = 0
-    duplicates: int = 0
-    stored: int = 0  # answers already in the store
-    to_ask: int = 0  # answers missing
-    prompts_to_ask: int = 0
-    largest_charge: int = 0
-    split_overrides: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Failure:
-    """A prompt the teacher did not answer (after retries)."""
-
-    prompt: Prompt
-    keys: list[str]
-    reason: str
-
-
-@dataclass
-class RunStats:
-    """Where the time went; logged, and read by bench/generate_throughput.py."""
-
-    load_seconds: float = 0.0
-    plan_seconds: float = 0.0
-    ask_seconds: float = 0.0
-    write_seconds: float = 0.0
-    requested: int = 0
-    answered: int = 0
-    calls: CallStats | None = None
-    store: StoreStats | None = None
 
 
 # --------------------------------------------------------------------------- entry point
@@ -165,7 +124,7 @@ def _run(config: GenerateConfig, work: Path, stats: RunStats) -> GenerateResult:
     if plan.to_ask:
         start = time.monotonic()
         if teacher.endpoint is not None:
-            failures = asyncio.run(ask_endpoint(config, sources, options, answers, plan, stats))
+            failures = asyncio.run(EndpointPass(config, sources, options, answers, plan, stats).run())
         else:
             failures = ask_offline(config, sources, options, answers, plan, stats, work)
         stats.ask_seconds = time.monotonic() - start
@@ -226,210 +185,6 @@ def scan_options(config: GenerateConfig) -> ScanOptions:
         settings=teacher_settings(config.teacher),
         max_examples=config.max_examples,
     )
-
-
-def make_plan(sources: list[Source], options: ScanOptions, answers: AnswerStore, max_tokens: int) -> Plan:
-    """Pass 1: count everything, find what is missing, and settle the split.
-
-    The split is by content hash; with at least two hashed prompts, one is
-    moved so that neither split is empty (the one nearest the boundary), which
-    keeps tiny prompt sets usable and stays deterministic.
-    """
-    plan = Plan()
-    lowest: Prompt | None = None
-    highest: Prompt | None = None
-    hashed = hashed_eval = 0
-    for item in scan(sources, options):
-        if isinstance(item, Rejected):
-            setattr(plan, _COUNTER[item.kind], getattr(plan, _COUNTER[item.kind]) + 1)
-            continue
-        plan.prompts += 1
-        if item.split == "eval":
-            plan.eval += 1
-        else:
-            plan.train += 1
-        if item.hashed:
-            hashed += 1
-            hashed_eval += item.split == "eval"
-            if lowest is None or item.split_value < lowest.split_value:
-                lowest = item
-            if highest is None or item.split_value > highest.split_value:
-                highest = item
-        missing = [key for key in item.keys if key not in answers]
-        plan.stored += len(item.keys) - len(missing)
-        if missing:
-            plan.to_ask += len(missing)
-            plan.prompts_to_ask += 1
-            plan.largest_charge = max(plan.largest_charge, token_charge(item.messages, len(missing), max_tokens))
-    if hashed >= 2 and lowest is not None and highest is not None:
-        if hashed_eval == 0:
-            plan.split_overrides[lowest.prompt_key] = "eval"
-            plan.eval, plan.train = plan.eval + 1, plan.train - 1
-        elif hashed_eval == hashed:
-            plan.split_overrides[highest.prompt_key] = "train"
-            plan.eval, plan.train = plan.eval - 1, plan.train + 1
-    return plan
-
-
-_COUNTER = {"malformed": "malformed", "too_long": "too_long", "duplicate": "duplicates"}
-
-
-def missing_work(
-    sources: list[Source], options: ScanOptions, answers: AnswerStore, *, with_heartbeats: bool = False
-) -> Iterator[Any]:
-    """Pass 2's input: each prompt with the keys of its samples not yet stored.
-
-    ``with_heartbeats`` also yields None for every line with nothing to ask, so an async
-    caller can give the event loop a turn while it skips.
-    """
-    for item in scan(sources, options):
-        missing = [key for key in item.keys if key not in answers] if isinstance(item, Prompt) else []
-        if missing:
-            yield item, missing
-        elif with_heartbeats:
-            yield None
-
-
-# --------------------------------------------------------------------------- endpoint teacher
-
-
-async def ask_endpoint(
-    config: GenerateConfig,
-    sources: list[Source],
-    options: ScanOptions,
-    answers: AnswerStore,
-    plan: Plan,
-    stats: RunStats,
-) -> list[Failure]:
-    """Pass 2 with an OpenAI-compatible teacher: a fixed pool of tasks pulling from a bounded queue."""
-    spec = config.teacher.endpoint
-    assert spec is not None
-    limits = RateLimits(spec.requests_per_minute, spec.tokens_per_minute, plan.largest_charge)
-    api_key = os.environ.get(config.api_key_env)
-    if not api_key:
-        log.warning("no teacher API key in $%s: sending requests without one", config.api_key_env)
-    concurrency = min(spec.max_concurrency, plan.prompts_to_ask)
-    progress = Progress(plan.to_ask, interval=config.progress_seconds, label=spec.model)
-    failures: list[Failure] = []
-    queue: asyncio.Queue[tuple[Prompt, list[str]] | None] = asyncio.Queue(maxsize=2 * concurrency)
-    stop = asyncio.Event()
-    flush_wanted = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    signals = _install_sigterm(loop, stop)
-    in_flight = [0]
-
-    async with EndpointClient(
-        config.teacher,
-        api_key,
-        limits,
-        backoff_initial=config.backoff_initial_seconds,
-        backoff_max=config.backoff_max_seconds,
-    ) as client:
-        stats.calls = client.stats
-
-        async def produce() -> None:
-            for scanned, entry in enumerate(missing_work(sources, options, answers, with_heartbeats=True)):
-                if stop.is_set():
-                    break
-                if entry is not None:
-                    await queue.put(entry)
-                elif scanned % 512 == 0:
-                    # A resumed run skips stretches of stored prompts without ever blocking
-                    # on the queue: let the requests in flight and the flusher run meanwhile.
-                    await asyncio.sleep(0)
-            for _ in range(concurrency):
-                await queue.put(None)
-
-        async def work() -> None:
-            while (entry := await queue.get()) is not None:
-                if stop.is_set():
-                    continue  # drain the queue: nothing new is asked after SIGTERM
-                prompt, keys = entry
-                stats.requested += len(keys)
-                in_flight[0] += 1
-                try:
-                    got = await client.ask(prompt.messages, keys)
-                except TeacherCallError as err:
-                    failures.append(Failure(prompt, keys, err.reason))
-                    log.debug("prompt at %s:%d failed: %s", prompt.uri, prompt.line, err.reason)
-                    progress.update(failed=len(keys))
-                    continue
-                finally:
-                    in_flight[0] -= 1
-                stats.answered += len(got)
-                if answers.add(got):
-                    flush_wanted.set()
-                progress.update(done=len(got))
-
-        async def flush_loop() -> None:
-            tick = min(1.0, config.flush_seconds / 2)
-            while True:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(flush_wanted.wait(), tick)
-                flush_wanted.clear()
-                if answers.flush_due():
-                    await answers.aflush()
-                progress.maybe_log(retries=client.stats.retries, stored=answers.stats.answers_written)
-
-        producer = asyncio.create_task(produce(), name="generate-producer")
-        workers = [asyncio.create_task(work(), name=f"generate-worker-{i}") for i in range(concurrency)]
-        flusher = asyncio.create_task(flush_loop(), name="generate-flusher")
-        everything: asyncio.Future[Any] = asyncio.gather(producer, *workers)
-        stopped: asyncio.Future[Any] = asyncio.create_task(stop.wait())
-        watched: set[asyncio.Future[Any]] = {everything, flusher, stopped}
-        try:
-            done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
-            if flusher in done:
-                flusher.result()  # raises the store error
-            if stopped in done and not everything.done():
-                log.warning(
-                    "SIGTERM: no new requests; up to %.0fs for %d in flight", config.drain_seconds, in_flight[0]
-                )
-                watched.discard(stopped)
-                await asyncio.wait(watched, timeout=config.drain_seconds, return_when=asyncio.FIRST_COMPLETED)
-                if flusher.done():
-                    flusher.result()
-            if everything.done():
-                everything.result()  # raises FatalTeacherError or a bug
-        except FatalTeacherError as err:
-            raise WorkerError(str(err)) from err
-        finally:
-            for task in (producer, *workers, flusher, stopped):
-                task.cancel()
-            await asyncio.gather(everything, flusher, stopped, return_exceptions=True)
-            _remove_sigterm(loop, signals)
-            progress.close()
-            # Whatever arrived is kept, whatever ended the run (a store failure re-raises here).
-            await answers.aflush()
-    _log_calls(client.stats)
-    if stop.is_set():
-        raise Preempted(
-            f"SIGTERM after {stats.answered} answers this run; all are stored, a restart asks only for the rest"
-        )
-    return failures
-
-
-def _install_sigterm(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> bool:
-    try:
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
-        return False
-    return True
-
-
-def _remove_sigterm(loop: asyncio.AbstractEventLoop, installed: bool) -> None:
-    if installed:
-        loop.remove_signal_handler(signal.SIGTERM)
-
-
-def _log_calls(calls: CallStats) -> None:
-    reasons = ",".join(f"{k}:{v}" for k, v in sorted(calls.retry_reasons.items())) or "-"
-    log.info(
-        "teacher calls: attempts=%d retries=%d succeeded=%d failed=%d retry_reasons=%s "
-        "prompt_tokens=%d completion_tokens=%d",
-        calls.attempts, calls.retries, calls.succeeded, calls.failed, reasons,
-        calls.prompt_tokens, calls.completion_tokens,
-    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- in-pod vLLM teacher

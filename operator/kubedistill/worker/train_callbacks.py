@@ -21,7 +21,7 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from kubedistill.worker import train_dist
-from kubedistill.worker.common import Preempted
+from kubedistill.worker.common import Preempted, on_sigterm
 from kubedistill.worker.train_checkpoint import CheckpointStore
 
 log = logging.getLogger("kubedistill.worker.train")
@@ -56,6 +56,8 @@ class Preemption:
     def _handler(self, signum: int, frame: FrameType | None) -> None:
         first = not self.requested
         self.requested = True
+        if first:
+            on_sigterm("the train worker saves and uploads a checkpoint")
         if not self.in_training:
             raise Preempted("SIGTERM outside the training loop; a restart resumes from the last checkpoint")
         if first:

@@ -17,7 +17,7 @@ from typing import Any
 
 from kubedistill.api.v1alpha1 import TeacherSpec
 from kubedistill.storage.objectstore import ObjectStore, download_prefix, is_s3
-from kubedistill.worker.common import WorkerError
+from kubedistill.worker.common import WorkerError, on_sigterm
 from kubedistill.worker.teacher.store import Answer
 
 log = logging.getLogger("kubedistill.worker.generate")
@@ -195,6 +195,7 @@ class StopFlag:
     def _handle(self, signum: int, frame: Any) -> None:
         log.warning("SIGTERM: finishing the current batch, then storing answers and exiting")
         self.stopped = True
+        on_sigterm("the current vLLM batch finishes and its answers are stored")
 
     def __exit__(self, *exc: object) -> None:
         if self._previous is not None:
