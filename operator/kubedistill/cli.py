@@ -169,6 +169,7 @@ def _local_common_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_local(args: argparse.Namespace) -> int:
     import logging
 
+    from kubedistill.local.processes import Stopped, stop_signals
     from kubedistill.local.runner import LocalOptions, LocalRunError, run_local
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
@@ -179,16 +180,24 @@ def _run_local(args: argparse.Namespace) -> int:
         port=args.port,
         evaluate_engine=args.evaluate_engine,
     )
+    # SIGTERM/SIGHUP unwind like Ctrl-C, so the workers and the vLLM server are stopped on the way out.
     try:
-        if args.local_action == "demo":
-            from kubedistill.local.demo import run_demo
+        with stop_signals():
+            if args.local_action == "demo":
+                from kubedistill.local.demo import run_demo
 
-            run_demo(options)
-        else:
-            run_local(args.manifest, options, args.name)
+                run_demo(options)
+            else:
+                run_local(args.manifest, options, args.name)
     except LocalRunError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except Stopped as stop:
+        print(f"kubedistill local: {stop}; the workers and the model server were stopped", file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:
+        print("kubedistill local: interrupted; the workers and the model server were stopped", file=sys.stderr)
+        return 130
     return 0
 
 

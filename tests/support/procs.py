@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import os
 import signal
 import socket
@@ -30,6 +29,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from kubedistill.local.processes import die_with_parent
 
 _RUNNING: set[ManagedProcess] = set()
 
@@ -88,7 +89,8 @@ class ManagedProcess:
                 env=self.env,
                 cwd=self.cwd,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                # atexit does not run when pytest is killed (a CI timeout): the kernel's SIGTERM does.
+                preexec_fn=die_with_parent,
             )
         _RUNNING.add(self)
         return self
@@ -132,20 +134,6 @@ class ManagedProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the test process dies, even by SIGKILL.
-
-    atexit does not run when pytest is killed (a CI timeout); without this the servers
-    would outlive it. vLLM's engine core in turn exits when its API server goes.
-    """
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-
-
-_PR_SET_PDEATHSIG = 1
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

@@ -48,6 +48,7 @@ from kubedistill.builders.plan import STAGES, RunPlan, Stage
 from kubedistill.builders.settings import OperatorSettings
 from kubedistill.builders.stages import build_stage_config
 from kubedistill.local import serve
+from kubedistill.local.processes import die_with_parent, terminate
 from kubedistill.reconcile.keys import compute_stage_keys
 
 log = logging.getLogger("kubedistill.local")
@@ -58,6 +59,10 @@ RESULT_MODELS: dict[str, type[BaseModel]] = {
     "train": TrainResult,
     "evaluate": EvaluateResult,
 }
+
+
+# A worker stopped by local mode gets this long to save its work, as a pod's grace period.
+WORKER_GRACE_SECONDS = 30.0
 
 
 class LocalRunError(RuntimeError):
@@ -189,7 +194,20 @@ def run_worker(stage: str, config: Mapping[str, Any], run_dir: Path, options: Lo
     log_path = run_dir / f"{stage}.log"
     argv = [options.python, "-m", "kubedistill.worker", stage, "--config", str(config_path)]
     with log_path.open("ab") as out:
-        code = subprocess.call(argv, stdout=out, stderr=subprocess.STDOUT, env=worker_env(stage, termination_log))
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=worker_env(stage, termination_log),
+            preexec_fn=die_with_parent,
+        )
+        try:
+            code = proc.wait()
+        finally:
+            # Stopped (SIGTERM/SIGHUP), Ctrl-C or a bug here: the worker gets its SIGTERM, as a pod
+            # would, saves what it must, and is killed if it takes longer than a pod's grace.
+            terminate(proc, WORKER_GRACE_SECONDS)
     message = termination_log.read_text() if termination_log.exists() else ""
     if code != 0:
         raise StageFailed(stage, code, message or serve.log_tail(log_path, 5), log_path)

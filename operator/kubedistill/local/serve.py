@@ -27,6 +27,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from kubedistill.local.processes import die_with_parent, terminate
+
 # Environment for every vLLM process on a CPU machine (server or offline ``vllm.LLM``).
 VLLM_CPU_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -94,26 +96,23 @@ def vllm_server_argv(
 
 
 def start_server(argv: Sequence[str], log_path: Path, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
-    """Start the server in its own process group, output to ``log_path``."""
+    """Start the server in its own process group, output to ``log_path``; it dies with this process."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
-        return subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, env=dict(env), start_new_session=True)
+        return subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(env),
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
 
 
 def stop_server(proc: subprocess.Popen[bytes], grace: float = 15.0) -> None:
     """SIGTERM the whole process group (the API server and its engine core), then SIGKILL."""
-    import signal
-
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
+    terminate(proc, grace, group=True)
 
 
 def log_tail(path: Path, lines: int = 30) -> str:
