@@ -246,18 +246,37 @@ def test_gate_miss_fails_with_quality_gate_failed_and_publishes_nothing() -> Non
     assert world.step().events == []
 
 
-def test_evaluate_without_a_result_cannot_pass_the_gate() -> None:
+@pytest.mark.parametrize("stage", ["generate", "train", "evaluate"])
+@pytest.mark.parametrize("message", [None, "not json", '{"examples": "many"}'])
+def test_a_stage_that_succeeds_without_its_result_fails_the_run(stage: str, message: str | None) -> None:
+    """No silent success: the same rule for every stage, whatever is missing or unreadable."""
     world = World(distillation_job("demo"))
+    results = {"generate": generate_result(), "train": train_result()}
     world.step()
-    world.finish("generate", generate_result())
+    for upstream in ("generate", "train"):
+        if upstream == stage:
+            break
+        world.finish(upstream, results[upstream])
+        world.step()
+    job = world.finish(stage, message)
     world.step()
-    world.finish("train", None)  # lenient: the model is at its deterministic URI
+    assert world.status is not None and world.status["phase"] == "Failed"
+    failed = world.condition("Failed")
+    assert failed["status"] == "True" and failed["reason"] == Reason.STAGE_RESULT_MISSING
+    assert f"Job {job} exited 0 without a result" in failed["message"]
+    assert "kubedistill-worker" in failed["message"] and f"delete Job {job}" in failed["message"]
+    assert world.status["stages"][stage]["phase"] == "Failed"
+    assert world.status["stages"][stage]["reason"] == Reason.STAGE_RESULT_MISSING
+    assert world.published == []
+    assert world.status.get("distilledModel") is None
+    # Recorded once: later reconciles neither read the pods again nor repeat the Event.
+    fetched = len(world.fetched)
+    assert world.step().events == []
+    assert len(world.fetched) == fetched and world.condition("Failed")["reason"] == Reason.STAGE_RESULT_MISSING
+    # Deleting the Job runs the stage again.
+    world.jobs.pop(job)
     world.step()
-    assert world.status is not None and world.status["model"] == {"uri": world.plan().model_uri}
-    world.finish("evaluate", "not json")
-    world.step()
-    assert world.status["phase"] == "Failed"
-    assert "without a result" in world.condition("Failed")["message"]
+    assert job in world.created[-1:] and world.status["phase"] != "Failed"
 
 
 def test_model_owned_by_someone_else_is_a_conflict() -> None:

@@ -663,6 +663,9 @@ class StageStatus(ApiModel):
         default=None, pattern=RFC3339_PATTERN, description="When the stage finished (RFC 3339)."
     )
     progress: float | None = Field(default=None, ge=0.0, le=1.0, description="Fraction done, 0 to 1, where known.")
+    reason: str | None = Field(
+        default=None, description="Why the stage failed, in CamelCase: StageFailed or StageResultMissing."
+    )
     message: str | None = Field(default=None, description="Last word from the stage, e.g. the worker's failure reason.")
 
 

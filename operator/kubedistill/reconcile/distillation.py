@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import BaseModel
+
 from kubedistill.api import conditions as c
 from kubedistill.api.conditions import JobPhase, Reason, StagePhase
 from kubedistill.api.v1alpha1 import (
@@ -33,12 +35,12 @@ from kubedistill.api.v1alpha1 import (
     StagesStatus,
     StageStatus,
 )
-from kubedistill.api.worker_config import EvaluateResult, GenerateResult, TrainResult
+from kubedistill.api.worker_config import TERMINATION_LOG, EvaluateResult, GenerateResult, TrainResult
 from kubedistill.builders.plan import STAGES, RunPlan, Stage
 from kubedistill.builders.publish import build_distilled_model
 from kubedistill.builders.settings import OperatorSettings
 from kubedistill.builders.stages import build_stage_children
-from kubedistill.reconcile.observe import ObservedJob, Termination, parse_result
+from kubedistill.reconcile.observe import RESULT_MODELS, ObservedJob, Termination, parse_result
 from kubedistill.reconcile.status import NORMAL, WARNING, EventSpec, apply_conditions, clip, condition
 
 _DIGEST = re.compile(DIGEST_PATTERN)
@@ -108,26 +110,20 @@ def _stage_summary(stage: Stage, status: StageStatus, walk: _Walk) -> str:
     return f"Job {status.job} succeeded"
 
 
-def _record_result(plan: RunPlan, stage: Stage, result: Any, walk: _Walk) -> None:
-    """Fold a stage's result (None when the worker reported none) into the run's summaries."""
-    if stage == "generate":
-        r = result if isinstance(result, GenerateResult) else None
+def _record_result(plan: RunPlan, result: BaseModel, walk: _Walk) -> None:
+    """Fold a stage's result into the run's summaries."""
+    if isinstance(result, GenerateResult):
         walk.dataset = DatasetStatus(
             uri=plan.dataset_uri,
-            examples=r.examples if r else None,
-            train_examples=r.train if r else None,
-            eval_examples=r.eval if r else None,
-            digest=r.digest if r else None,
+            examples=result.examples,
+            train_examples=result.train,
+            eval_examples=result.eval,
+            digest=result.digest,
         )
-    elif stage == "train":
-        t = result if isinstance(result, TrainResult) else None
-        digest = t.digest if t and _DIGEST.match(t.digest) else None
+    elif isinstance(result, TrainResult):
+        digest = result.digest if _DIGEST.match(result.digest) else None
         walk.model = ModelArtifact(uri=plan.model_uri, digest=digest)
-        walk.adapter = (
-            bool(t.adapter)
-            if t
-            else (plan.job.spec.student.method == "lora" and plan.job.spec.student.export == "adapter")
-        )
+        walk.adapter = result.adapter
     elif isinstance(result, EvaluateResult):
         gate = plan.job.spec.evaluation.min_teacher_agreement
         walk.evaluation = EvaluationStatus(
@@ -199,12 +195,13 @@ def _walk_stages(
             continue
 
         walk.blocked_at = stage
-        if prev is not None and prev.phase == StagePhase.FAILED and job is not None and job.phase == StagePhase.FAILED:
+        if prev is not None and prev.phase == StagePhase.FAILED and job is not None and job.finished:
             # Recorded already: no need to read the pods again.
             walk.stages[stage] = prev
             message = prev.message or f"Job {name} failed"
-            walk.failure = (Reason.STAGE_FAILED, f"{stage} failed: {message}")
-            cond(stage, False, Reason.STAGE_FAILED, message)
+            reason = prev.reason or Reason.STAGE_FAILED
+            walk.failure = (reason, f"{stage} failed: {message}")
+            cond(stage, False, reason, message)
             continue
 
         if job is None or job.deleting:
@@ -237,28 +234,28 @@ def _walk_stages(
             reason = clip(reported or job.message or f"Job {name} failed ({job.reason or 'unknown reason'})")
             walk.stages[stage] = StageStatus(
                 job=name, phase=StagePhase.FAILED, start_time=job.start_time,
-                completion_time=job.completion_time, message=reason,
+                completion_time=job.completion_time, reason=Reason.STAGE_FAILED, message=reason,
             )  # fmt: skip
             walk.failure = (Reason.STAGE_FAILED, f"{stage} failed: {reason}")
             cond(stage, False, Reason.STAGE_FAILED, reason)
             continue
 
-        # Succeeded.
+        # Succeeded: a stage proves it with its result, or the run fails.
         result = parse_result(stage, reported)
         done = StageStatus(
             job=name, phase=StagePhase.SUCCEEDED, start_time=job.start_time,
             completion_time=job.completion_time or now, progress=1.0,
         )  # fmt: skip
-        if stage == "evaluate" and result is None:
-            problem = clip(f"evaluate finished without a result in its termination message ({reported or 'empty'})")
-            walk.stages[stage] = done.model_copy(update={"phase": StagePhase.FAILED, "message": problem})
-            walk.failure = (Reason.STAGE_FAILED, problem)
-            cond(stage, False, Reason.STAGE_FAILED, problem)
+        if result is None:
+            problem = clip(_missing_result_message(stage, name, reported))
+            walk.stages[stage] = done.model_copy(
+                update={"phase": StagePhase.FAILED, "reason": Reason.STAGE_RESULT_MISSING, "message": problem}
+            )
+            walk.failure = (Reason.STAGE_RESULT_MISSING, f"{stage} failed: {problem}")
+            cond(stage, False, Reason.STAGE_RESULT_MISSING, problem)
             continue
-        if result is None and reported:
-            done = done.model_copy(update={"message": clip(f"unreadable result: {reported}")})
         walk.stages[stage] = done
-        _record_result(plan, stage, result, walk)
+        _record_result(plan, result, walk)
         if stage == "evaluate" and walk.evaluation is not None and walk.evaluation.passed is False:
             walk.failure = (Reason.QUALITY_GATE_FAILED, _gate_message(plan, walk.evaluation))
             cond(stage, False, Reason.QUALITY_GATE_FAILED, walk.failure[1])
@@ -266,6 +263,17 @@ def _walk_stages(
         walk.blocked_at = None
         cond(stage, True, Reason.STAGE_SUCCEEDED, _stage_summary(stage, done, walk))
     return walk
+
+
+def _missing_result_message(stage: Stage, job_name: str, reported: str | None) -> str:
+    model = RESULT_MODELS[stage]
+    fields = ", ".join(f.alias or n for n, f in model.model_fields.items() if f.is_required())
+    found = f"found {reported[:200]!r}" if reported else "found none"
+    return (
+        f"Job {job_name} exited 0 without a result: a {stage} worker writes its {model.__name__} as one line of "
+        f"JSON ({fields}) to {TERMINATION_LOG}; {found}. Check that the stage image runs kubedistill-worker, "
+        f"then delete Job {job_name} to run the stage again"
+    )
 
 
 def _gate_message(plan: RunPlan, evaluation: EvaluationStatus) -> str:
@@ -418,7 +426,8 @@ def _events(
         elif after.phase == StagePhase.SUCCEEDED:
             events.append(EventSpec(NORMAL, Reason.STAGE_SUCCEEDED, f"{stage}: {_stage_summary(stage, after, walk)}"))
         elif after.phase == StagePhase.FAILED:
-            events.append(EventSpec(WARNING, Reason.STAGE_FAILED, f"{stage}: {after.message or 'failed'}"))
+            reason = after.reason or Reason.STAGE_FAILED
+            events.append(EventSpec(WARNING, reason, f"{stage}: {after.message or 'failed'}"))
     if new.evaluation is not None and new.evaluation.passed is not None:
         before_passed = old.evaluation.passed if (old.evaluation is not None and not new_run) else None
         if before_passed != new.evaluation.passed:
