@@ -35,6 +35,7 @@ from kubedistill.api.v1alpha1 import GROUP, VERSION
 from kubedistill.builders import names
 from kubedistill.builders.settings import OperatorSettings
 from kubedistill.kube.client import KubeClient, KubeError
+from kubedistill.kube.pacing import Priority
 from kubedistill.reconcile.loop import InvalidSpec
 from kubedistill.reconcile.observe import compact_job, observe_job
 from kubedistill.runtime import Runtime
@@ -91,7 +92,7 @@ async def _resync(runtime: Runtime, interval: float) -> None:
             continue
         step = interval / len(kicks)
         for kick, (namespace, name) in kicks:
-            kick(namespace, name)
+            kick(namespace, name, Priority.RESYNC)
             await asyncio.sleep(step)
 
 

@@ -6,8 +6,10 @@ kopf calls the handlers; this decides how reconciles of one resource line up:
   never race on the same status;
 * child events *kick* a reconcile in the background; kicks that arrive while one is
   already queued for that resource merge into it (a thousand Job events do not mean a
-  thousand reconciles);
-* at most ``reconcile.maxConcurrentReconciles`` in flight across all resources;
+  thousand reconciles), unless the new kick has a higher priority;
+* at most ``reconcile.maxConcurrentReconciles`` in flight across all resources, and the
+  API client's token bucket, both served by priority (kube/pacing.py): child events
+  first, then kopf's create/update/resume, then resyncs;
 * a kicked reconcile that fails is retried with backoff (a handler-driven one is retried
   by kopf).
 
@@ -27,6 +29,7 @@ from typing import Any
 from kubedistill.builders import names
 from kubedistill.builders.settings import OperatorSettings
 from kubedistill.kube.client import KubeClient
+from kubedistill.kube.pacing import Priority, PrioritySemaphore, reconcile_priority
 from kubedistill.reconcile.loop import (
     InvalidSpec,
     Outcome,
@@ -52,10 +55,10 @@ class Runtime:
         self.models_following: Mapping[Any, Iterable[str]] = {}
         self.job_phase_seen: dict[str, str] = {}
         self._locks: weakref.WeakValueDictionary[Key, asyncio.Lock] = weakref.WeakValueDictionary()
-        self._queued: set[Key] = set()
+        self._queued: dict[Key, set[Priority]] = {}
         self._failures: dict[Key, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._slots = asyncio.Semaphore(settings.reconcile.max_concurrent_reconciles)
+        self._slots = PrioritySemaphore(settings.reconcile.max_concurrent_reconciles)
         self.reconciles = 0
         self.durations: list[float] = []  # seconds per reconcile, for the stop log line (bench/)
 
@@ -82,25 +85,39 @@ class Runtime:
 
     # ------------------------------------------------------------------ serialisation
 
+    @property
+    def queue_depth(self) -> int:
+        """Reconciles waiting for a slot (kicked or handler-driven)."""
+        return self._slots.waiting
+
     @contextlib.asynccontextmanager
-    async def _exclusive(self, key: Key) -> AsyncIterator[None]:
+    async def _exclusive(self, key: Key, priority: Priority) -> AsyncIterator[None]:
         lock = self._locks.get(key)
         if lock is None:
             lock = self._locks[key] = asyncio.Lock()
-        async with lock, self._slots:
-            yield
+        async with lock, self._slots.slot(priority):
+            token = reconcile_priority.set(priority)  # the API requests of this reconcile wait at it too
+            try:
+                yield
+            finally:
+                reconcile_priority.reset(token)
 
-    def _kick(self, key: Key, run: Callable[[], Awaitable[Outcome]]) -> None:
-        if key in self._queued:
-            return  # a queued reconcile will read the latest state anyway
-        self._queued.add(key)
-        task = asyncio.create_task(self._run_kicked(key, run), name=f"reconcile {'/'.join(key)}")
+    def _kick(self, key: Key, run: Callable[[], Awaitable[Outcome]], priority: Priority) -> None:
+        queued = self._queued.setdefault(key, set())
+        if any(p <= priority for p in queued):
+            return  # a queued reconcile, as urgent or more, will read the latest state anyway
+        queued.add(priority)
+        task = asyncio.create_task(self._run_kicked(key, run, priority), name=f"reconcile {'/'.join(key)}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run_kicked(self, key: Key, run: Callable[[], Awaitable[Outcome]]) -> None:
-        async with self._exclusive(key):
-            self._queued.discard(key)  # from here on, a new kick queues another pass
+    async def _run_kicked(self, key: Key, run: Callable[[], Awaitable[Outcome]], priority: Priority) -> None:
+        async with self._exclusive(key, priority):
+            queued = self._queued.get(key)
+            if queued is not None:  # from here on, a new kick queues another pass
+                queued.discard(priority)
+                if not queued:
+                    del self._queued[key]
             try:
                 await run()
             except InvalidSpec:
@@ -111,7 +128,7 @@ class Runtime:
                 delay = RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)]
                 log.warning("reconcile of %s failed (%s); retrying in %.0fs", "/".join(key), err, delay)
                 loop = asyncio.get_running_loop()
-                loop.call_later(delay, self._kick, key, run)
+                loop.call_later(delay, self._kick, key, run, priority)
                 return
         self._failures.pop(key, None)
 
@@ -133,12 +150,12 @@ class Runtime:
 
     async def reconcile_job(self, namespace: str, name: str) -> Outcome:
         """Reconcile now (for kopf handlers: errors propagate)."""
-        async with self._exclusive(("DistillationJob", namespace, name)):
+        async with self._exclusive(("DistillationJob", namespace, name), Priority.FIRST):
             return await self._reconcile_job(namespace, name)
 
-    def kick_job(self, namespace: str, name: str) -> None:
-        """Reconcile soon, in the background (for child events)."""
-        self._kick(("DistillationJob", namespace, name), lambda: self._reconcile_job(namespace, name))
+    def kick_job(self, namespace: str, name: str, priority: Priority = Priority.CHILD_EVENT) -> None:
+        """Reconcile soon, in the background (child events; resyncs at a lower priority)."""
+        self._kick(("DistillationJob", namespace, name), lambda: self._reconcile_job(namespace, name), priority)
 
     # ------------------------------------------------------------------ DistilledModel
 
@@ -149,8 +166,8 @@ class Runtime:
         return outcome
 
     async def reconcile_model(self, namespace: str, name: str) -> Outcome:
-        async with self._exclusive(("DistilledModel", namespace, name)):
+        async with self._exclusive(("DistilledModel", namespace, name), Priority.FIRST):
             return await self._reconcile_model(namespace, name)
 
-    def kick_model(self, namespace: str, name: str) -> None:
-        self._kick(("DistilledModel", namespace, name), lambda: self._reconcile_model(namespace, name))
+    def kick_model(self, namespace: str, name: str, priority: Priority = Priority.CHILD_EVENT) -> None:
+        self._kick(("DistilledModel", namespace, name), lambda: self._reconcile_model(namespace, name), priority)

@@ -6,7 +6,9 @@ get (404 = None), list by label selector, delete, status merge patches and Event
 
 The kubernetes client is synchronous; calls run on a dedicated thread pool (one
 connection per thread) behind a token bucket (``reconcile.apiQps``/``apiBurst``), so a
-burst of a thousand DistillationJobs queues here instead of flooding the API server.
+burst of a thousand DistillationJobs queues here instead of flooding the API server. The
+bucket serves requests by the priority of the reconcile that makes them (kube/pacing.py):
+the reaction to a finished stage never queues behind a thousand first reconciles.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from aiolimiter import AsyncLimiter
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
@@ -29,6 +30,7 @@ from kubernetes.client.exceptions import ApiException
 from kubedistill.api.v1alpha1 import API_VERSION
 from kubedistill.builders.names import FIELD_MANAGER
 from kubedistill.builders.settings import ReconcileSettings
+from kubedistill.kube.pacing import PriorityRateLimiter
 
 log = logging.getLogger("kubedistill.kube")
 
@@ -94,8 +96,8 @@ class KubeClient:
         self.settings = settings
         self.api = api_client or load_api_client(settings.api_threads)
         self._pool = ThreadPoolExecutor(max_workers=settings.api_threads, thread_name_prefix="kube")
-        # aiolimiter's bucket holds max_rate tokens per time_period: burst tokens refilled at qps.
-        self._limiter = AsyncLimiter(settings.api_burst, settings.api_burst / settings.api_qps)
+        # A token bucket (burst tokens refilled at qps) serving the reconcile of highest priority first.
+        self.limiter = PriorityRateLimiter(settings.api_qps, settings.api_burst)
         self.requests = 0
         self.instance = os.environ.get("POD_NAME") or os.uname().nodename
 
@@ -112,7 +114,7 @@ class KubeClient:
         body: Any = None,
         content_type: str = "application/json",
     ) -> dict[str, Any]:
-        await self._limiter.acquire()
+        await self.limiter.acquire()
         self.requests += 1
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, self._call_sync, method, path, query, body, content_type)
