@@ -39,6 +39,7 @@ class World:
     manifest: dict[str, Any]
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     messages: dict[str, str | None] = field(default_factory=dict)
+    exit_codes: dict[str, int] = field(default_factory=dict)
     model: ModelObservation = field(default_factory=lambda: ModelObservation(exists=False))
     status: dict[str, Any] | None = None
     generation: int = 1
@@ -46,6 +47,8 @@ class World:
     created: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
     published: list[dict[str, Any]] = field(default_factory=list)
+    pruned: list[str] = field(default_factory=list)
+    settings: OperatorSettings = field(default_factory=lambda: SETTINGS)
 
     def dj(self) -> DistillationJob:
         body = copy.deepcopy(self.manifest)
@@ -66,14 +69,15 @@ class World:
         model = None
         for _ in range(4):
             decision = compute_job_decision(
-                dj, plan, SETTINGS, JobObservation(jobs=observed, terminations=terminations, model=model), NOW
+                dj, plan, self.settings, JobObservation(jobs=observed, terminations=terminations, model=model), NOW
             )
             if decision.complete:
                 break
             for name in decision.need_terminations:
                 self.fetched.append(name)
                 message = self.messages.get(name)
-                terminations[name] = Termination(pod=f"{name}-x", exit_code=0, reason=None, message=message)
+                code = self.exit_codes.get(name, 0)
+                terminations[name] = Termination(pod=f"{name}-x", exit_code=code, reason=None, message=message)
             if decision.need_model:
                 model = self.model
         assert decision.complete
@@ -84,13 +88,16 @@ class World:
         for name in decision.delete_jobs:
             self.deleted.append(name)
             self.jobs.pop(name, None)
+        for name in decision.prune:
+            self.pruned.append(name)
+            self.jobs.pop(name, None)
         if decision.publish:
             self.published.append(decision.publish)
         self.status = decision.status.to_wire()
         return decision
 
-    def finish(self, stage: str, message: str | None, ok: bool = True) -> str:
-        name = self.plan().job_name(stage)  # type: ignore[arg-type]
+    def finish(self, stage: str, message: str | None, ok: bool = True, exit_code: int | None = None) -> str:
+        name = self.current_job(stage)
         job = self.jobs[name]
         kind = "Complete" if ok else "Failed"
         job["status"] = {
@@ -100,7 +107,13 @@ class World:
         if ok:
             job["status"]["completionTime"] = NOW
         self.messages[name] = message
+        self.exit_codes[name] = (0 if ok else 1) if exit_code is None else exit_code
         return name
+
+    def current_job(self, stage: str) -> str:
+        """The Job the status names for ``stage`` (its latest attempt)."""
+        assert self.status is not None
+        return str(self.status["stages"][stage]["job"])
 
     def run_pods(self, stage: str) -> None:
         self.jobs[self.plan().job_name(stage)]["status"] = {"startTime": NOW, "active": 1, "ready": 1}  # type: ignore[arg-type]
@@ -453,3 +466,143 @@ def test_phase_enum_is_written_as_a_string() -> None:
     world = World(distillation_job("demo"))
     world.step()
     assert world.status is not None and world.status["phase"] == JobPhase.GENERATING.value
+
+
+# --------------------------------------------------------------------------- whole-group restarts
+
+
+def two_node_world(max_restarts: int | None = None) -> World:
+    manifest = distillation_job("group", nodes=2)
+    if max_restarts is not None:
+        manifest["spec"]["resources"]["maxRestarts"] = max_restarts
+    world = World(manifest)
+    world.step()
+    world.finish("generate", generate_result())
+    world.step()
+    return world
+
+
+def test_a_lost_rank_restarts_the_whole_group_from_the_checkpoint() -> None:
+    world = two_node_world()
+    first = world.current_job("train")
+    assert world.jobs[first]["spec"]["completions"] == 2 and world.jobs[first]["spec"]["backoffLimit"] == 0
+    world.finish("train", "CUDA error: an illegal memory access", ok=False, exit_code=137)
+    decision = world.step()
+
+    second = world.current_job("train")
+    assert second == f"{first}-r1" and world.created[-1] == second
+    kinds = [(c["kind"], c["metadata"]["name"]) for c in decision.create]
+    assert kinds == [("ConfigMap", second), ("Service", second), ("Job", second)]
+    assert world.jobs[second]["metadata"]["labels"]["kubedistill.io/attempt"] == "1"
+    service = next(c for c in decision.create if c["kind"] == "Service")
+    assert service["spec"]["selector"]["kubedistill.io/attempt"] == "1"  # rendezvous among the new pods only
+    config = next(c for c in decision.create if c["kind"] == "ConfigMap")
+    assert world.plan().checkpoint_uri in config["data"]["train.yaml"]  # the same checkpoints: resume, not redo
+    train = world.status["stages"]["train"]  # type: ignore[index]
+    assert (train["phase"], train["restarts"]) == ("Pending", 1)
+    condition = world.condition("Trained")
+    assert condition["reason"] == Reason.GROUP_RESTARTED and "restart 1 of 3" in condition["message"]
+    assert "illegal memory access" in condition["message"]
+    assert [e.reason for e in decision.events].count(Reason.GROUP_RESTARTED) == 1
+    assert world.step().events == []  # said once
+
+    world.run_pods("train")
+    world.step()
+    assert world.status["stages"]["train"]["restarts"] == 1  # type: ignore[index]
+    world.finish("train", train_result())
+    world.step()
+    world.finish("evaluate", evaluate_result())
+    world.step()
+    assert world.status["phase"] == "Succeeded"  # type: ignore[index]
+    assert world.status["stages"]["train"]["restarts"] == 1  # type: ignore[index]
+
+
+def test_a_worker_error_is_not_restarted() -> None:
+    world = two_node_world()
+    world.finish("train", "dataset has no train split", ok=False, exit_code=1)
+    world.step()
+    assert world.status["phase"] == "Failed"  # type: ignore[index]
+    assert world.condition("Failed")["reason"] == Reason.STAGE_FAILED
+    assert len([n for n in world.created if "-train-" in n]) == 1
+
+
+def test_the_restart_limit_ends_the_run_and_says_which_setting() -> None:
+    world = two_node_world(max_restarts=1)
+    world.finish("train", "preempted", ok=False, exit_code=143)
+    world.step()
+    world.finish("train", "node lost", ok=False, exit_code=137)
+    world.step()
+    assert world.status["phase"] == "Failed"  # type: ignore[index]
+    failed = world.condition("Failed")
+    assert "node lost" in failed["message"] and "spec.resources.maxRestarts is 1" in failed["message"]
+    assert world.status["stages"]["train"]["restarts"] == 1  # type: ignore[index]
+    assert len([n for n in world.created if "-train-" in n]) == 2
+
+
+def test_a_single_node_stage_is_left_to_the_job_controller() -> None:
+    world = World(distillation_job("single"))
+    world.step()
+    world.finish("generate", generate_result())
+    world.step()
+    job = world.jobs[world.current_job("train")]
+    assert job["spec"]["backoffLimit"] == SETTINGS.jobs.backoff_limit
+    world.finish("train", "OOM", ok=False, exit_code=137)
+    world.step()
+    assert world.status["phase"] == "Failed"  # type: ignore[index]
+
+
+# --------------------------------------------------------------------------- bounded history
+
+
+def edit(world: World, epochs: int) -> None:
+    world.manifest = distillation_job("hist", epochs=epochs)
+    world.generation += 1
+    world.step()
+
+
+def finish_run(world: World, agreement: float) -> None:
+    world.finish("train", train_result())
+    world.step()
+    world.finish("evaluate", evaluate_result(agreement))
+    world.step()
+
+
+def test_history_keeps_the_latest_runs_and_the_latest_success_and_deletes_the_rest() -> None:
+    world = World(
+        distillation_job("hist", epochs=1), settings=OperatorSettings.model_validate({"jobs": {"historyLimit": 1}})
+    )
+    success_path(world)  # run 1 succeeds: g1 t1 e1
+    run1 = world.status["history"][0]  # type: ignore[index]
+    assert (run1["phase"], len(run1["jobs"])) == ("Succeeded", 3)
+    generate_job = world.current_job("generate")
+
+    edit(world, 2)  # run 2 reuses g1, fails the gate
+    finish_run(world, 0.5)
+    run2_jobs = set(world.status["history"][0]["jobs"])  # type: ignore[index]
+    assert generate_job in run2_jobs and world.status["phase"] == "Failed"  # type: ignore[index]
+    edit(world, 3)  # run 3: run 2 is the one earlier run the limit keeps, run 1 the latest success
+    finish_run(world, 0.5)
+    assert world.pruned == []
+    assert [r["phase"] for r in world.status["history"]] == ["Failed", "Failed", "Succeeded"]  # type: ignore[index]
+
+    edit(world, 4)  # run 4: run 3 is kept, run 1 (latest success) is kept, run 2 goes
+    assert sorted(world.pruned) == sorted(run2_jobs - {generate_job})  # g1 is still used by every run
+    history = world.status["history"]  # type: ignore[index]
+    assert [r["runId"] for r in history][2] == run1["runId"] and len(history) == 3
+    assert all(name in world.jobs for record in history for name in record["jobs"] if name in world.created)
+    pruned = len(world.pruned)
+    world.step()
+    assert len(world.pruned) == pruned  # level-based: nothing more to delete
+
+
+def test_a_running_job_is_never_pruned() -> None:
+    world = World(
+        distillation_job("hist", epochs=1), settings=OperatorSettings.model_validate({"jobs": {"historyLimit": 0}})
+    )
+    world.step()
+    world.finish("generate", generate_result())
+    world.step()
+    world.run_pods("train")
+    world.step()
+    edit(world, 2)  # the old train Job is superseded while it runs: stopped (deleted), not pruned
+    assert world.deleted and not world.pruned

@@ -132,6 +132,7 @@ class Reason:
     STAGE_RESULT_MISSING: Final = "StageResultMissing"  # the Job succeeded without the result its worker must report
     ARTIFACT_REUSED: Final = "ArtifactReused"  # the stage's output exists from an earlier run with the same inputs
     PREEMPTED: Final = "Preempted"  # pods were evicted or preempted; the stage resumes from its checkpoint
+    GROUP_RESTARTED: Final = "GroupRestarted"  # a rank of a multi-node stage failed: the whole group starts again
 
     # evaluation gate
     QUALITY_GATE_PASSED: Final = "QualityGatePassed"
@@ -163,6 +164,11 @@ class Reason:
 def now_rfc3339() -> str:
     """The current time as metav1.Time writes it (UTC, whole seconds)."""
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_rfc3339(value: str) -> datetime:
+    """metav1.Time (or any RFC 3339 time with a zone) as an aware datetime."""
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 def get_condition(conditions: Iterable[Condition], type_: str) -> Condition | None:

@@ -544,6 +544,13 @@ class ResourcesSpec(ApiModel):
     nodes: int = Field(
         default=1, ge=1, le=1024, description="Training pods; above 1 runs an Indexed Job with torchrun rendezvous."
     )
+    max_restarts: int = Field(
+        default=3,
+        ge=0,
+        le=100,
+        description="Multi-node training: how often the whole group of pods is restarted from the last checkpoint "
+        "after a rank fails or is preempted (a worker error, exit code 1, is never retried).",
+    )
     priority_class_name: str | None = Field(default=None, description="PriorityClass of the stage pods.")
     queue_name: str | None = Field(default=None, description="Kueue LocalQueue (kueue.x-k8s.io/queue-name label).")
     cpu: str | None = Field(
@@ -663,6 +670,9 @@ class StageStatus(ApiModel):
         default=None, pattern=RFC3339_PATTERN, description="When the stage finished (RFC 3339)."
     )
     progress: float | None = Field(default=None, ge=0.0, le=1.0, description="Fraction done, 0 to 1, where known.")
+    restarts: int | None = Field(
+        default=None, ge=0, description="Whole-group restarts of this stage so far (multi-node training)."
+    )
     reason: str | None = Field(
         default=None, description="Why the stage failed, in CamelCase: StageFailed or StageResultMissing."
     )
@@ -705,6 +715,22 @@ class EvaluationStatus(ApiModel):
     report_uri: str | None = Field(default=None, description="s3:// URI of the full evaluation report.")
 
 
+class RunRecord(ApiModel):
+    """One run of a DistillationJob and the Jobs it used (the history the operator keeps)."""
+
+    model_config = ApiModel.model_config | {"extra": "ignore"}
+
+    run_id: str = Field(description="The run's identifier (status.runId while it was current).")
+    phase: JobPhase | None = Field(default=None, description="The last phase the run reached.")
+    start_time: str | None = Field(default=None, pattern=RFC3339_PATTERN, description="When the run started.")
+    completion_time: str | None = Field(
+        default=None, pattern=RFC3339_PATTERN, description="When it succeeded or failed."
+    )
+    jobs: list[str] = Field(
+        default_factory=list, max_length=64, description="Its stage Jobs (reused ones and restarts included)."
+    )
+
+
 class DistillationJobStatus(ApiModel):
     """What the operator observed; written only by the operator."""
 
@@ -736,6 +762,12 @@ class DistillationJobStatus(ApiModel):
     model: ModelArtifact | None = Field(default=None, description="The trained, exported student model.")
     evaluation: EvaluationStatus | None = Field(default=None, description="Evaluation results and gate decision.")
     distilled_model: str | None = Field(default=None, description="Name of the DistilledModel published by this job.")
+    history: list[RunRecord] | None = Field(
+        default=None,
+        max_length=128,
+        description="The current run first, then the earlier runs whose Jobs are kept (the operator's "
+        "jobs.historyLimit, plus the latest successful run); Jobs of runs no longer listed are deleted.",
+    )
 
 
 JOB_NAME_MAX_LENGTH = 50

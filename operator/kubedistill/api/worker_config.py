@@ -22,6 +22,11 @@ from kubedistill.api.v1alpha1 import EvaluationSpec, Sampling, StudentSpec, Teac
 TEACHER_API_KEY_ENV = "KUBEDISTILL_TEACHER_API_KEY"
 CONFIG_DIR = "/etc/kubedistill"
 TERMINATION_LOG = "/dev/termination-log"
+# How a worker process ends (the operator reads the code from the pod, local mode from the process):
+EXIT_OK = 0  # done; the one-line JSON result is in the termination log
+EXIT_FAILED = 1  # a WorkerError: bad input or a gate the worker checks; retrying cannot help
+EXIT_INTERNAL = 2  # a bug or a hang cut short: a retry may help
+EXIT_PREEMPTED = 143  # SIGTERM, state saved: not the workload's fault, a restart resumes
 # The pod's terminationGracePeriodSeconds: how long a stage has after SIGTERM.
 GRACE_SECONDS_ENV = "KUBEDISTILL_GRACE_SECONDS"
 

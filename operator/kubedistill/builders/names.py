@@ -5,7 +5,8 @@ DistillationJob ``<dj>`` (names are at most 50 characters, see api/v1alpha1.py):
 =================================  ================================  ==========================
 object                             name                              why
 =================================  ================================  ==========================
-stage Job                          ``<dj>-<stage>-<key8>``           one Job per stage *input*
+stage Job                          ``<dj>-<stage>-<key8>[-r<n>]``    one Job per stage *input*
+                                                                     (and group restart)
 stage config ConfigMap             same as its Job                   never changes under a pod
 rendezvous Service (nodes > 1)     same as its Job                   pods are ``<job>-<i>.<job>``
 DistilledModel                     ``spec.output.model.name``        chosen by the user
@@ -24,7 +25,8 @@ HorizontalPodAutoscaler ``<m>-vllm``, fetch config ConfigMap ``<m>-fetch-<hash8>
 
 Every object carries the ``app.kubernetes.io/*`` labels plus ``kubedistill.io/job`` (the
 DistillationJob), ``kubedistill.io/stage``, ``kubedistill.io/run`` and
-``kubedistill.io/stage-key``, or ``kubedistill.io/model`` for serving objects.
+``kubedistill.io/stage-key`` and ``kubedistill.io/attempt`` (whole-group restarts of a stage),
+or ``kubedistill.io/model`` for serving objects.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ LABEL_JOB: Final = "kubedistill.io/job"
 LABEL_STAGE: Final = "kubedistill.io/stage"
 LABEL_RUN: Final = "kubedistill.io/run"
 LABEL_STAGE_KEY: Final = "kubedistill.io/stage-key"
+LABEL_ATTEMPT: Final = "kubedistill.io/attempt"
 LABEL_MODEL: Final = "kubedistill.io/model"
 LABEL_PUBLISHED_BY: Final = "kubedistill.io/published-by"
 LABEL_KUEUE_QUEUE: Final = "kueue.x-k8s.io/queue-name"
@@ -92,9 +95,13 @@ def label_value(value: str) -> str:
 # --------------------------------------------------------------------------- DistillationJob children
 
 
-def stage_job_name(job: str, stage: str, key: str) -> str:
-    """The Job of one stage of DistillationJob ``job`` whose inputs hash to ``key``."""
-    return fit(job, f"{stage}-{key[:KEY_IN_NAME]}", JOB_NAME_MAX)
+def stage_job_name(job: str, stage: str, key: str, attempt: int = 0) -> str:
+    """The Job of one stage of DistillationJob ``job`` whose inputs hash to ``key``.
+
+    ``attempt`` counts whole-group restarts of a multi-node stage: attempt 2 is ``...-r2``.
+    """
+    suffix = f"{stage}-{key[:KEY_IN_NAME]}" + (f"-r{attempt}" if attempt else "")
+    return fit(job, suffix, JOB_NAME_MAX)
 
 
 def stage_config_name(job_name: str) -> str:
@@ -112,7 +119,7 @@ def rendezvous_address(job_name: str) -> str:
     return f"{job_name}-0.{rendezvous_service_name(job_name)}"
 
 
-def job_labels(job: str, stage: str, run_id: str, key: str) -> dict[str, str]:
+def job_labels(job: str, stage: str, run_id: str, key: str, attempt: int = 0) -> dict[str, str]:
     """Labels of a stage Job, its pods, ConfigMap and Service."""
     return {
         LABEL_NAME: APP,
@@ -124,12 +131,13 @@ def job_labels(job: str, stage: str, run_id: str, key: str) -> dict[str, str]:
         LABEL_STAGE: stage,
         LABEL_RUN: run_id,
         LABEL_STAGE_KEY: key,
+        LABEL_ATTEMPT: str(attempt),
     }
 
 
-def stage_selector(job: str, stage: str, key: str) -> dict[str, str]:
-    """Selects the pods of one stage Job (the rendezvous Service's selector)."""
-    return {LABEL_JOB: label_value(job), LABEL_STAGE: stage, LABEL_STAGE_KEY: key}
+def stage_selector(job: str, stage: str, key: str, attempt: int = 0) -> dict[str, str]:
+    """Selects the pods of one stage Job (the rendezvous Service's selector): one attempt's."""
+    return {LABEL_JOB: label_value(job), LABEL_STAGE: stage, LABEL_STAGE_KEY: key, LABEL_ATTEMPT: str(attempt)}
 
 
 def children_selector(job: str) -> str:

@@ -14,7 +14,8 @@ share them::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from kubedistill.api.v1alpha1 import DistillationJob
@@ -53,6 +54,7 @@ class RunPlan:
 
     job: DistillationJob
     keys: StageKeys
+    attempts: Mapping[Stage, int] = field(default_factory=dict)  # whole-group restarts so far, by stage
 
     @property
     def name(self) -> str:
@@ -70,11 +72,17 @@ class RunPlan:
     def run_id(self) -> str:
         return self.keys.run
 
-    def job_name(self, stage: Stage) -> str:
-        return names.stage_job_name(self.name, stage, self.keys.of(stage))
+    def job_name(self, stage: Stage, attempt: int | None = None) -> str:
+        """The stage's Job (of its current attempt, unless ``attempt`` says which)."""
+        return names.stage_job_name(
+            self.name, stage, self.keys.of(stage), self.attempts.get(stage, 0) if attempt is None else attempt
+        )
+
+    def with_attempt(self, stage: Stage, attempt: int) -> RunPlan:
+        return replace(self, attempts={**self.attempts, stage: attempt})
 
     def labels(self, stage: Stage) -> dict[str, str]:
-        return names.job_labels(self.name, stage, self.run_id, self.keys.of(stage))
+        return names.job_labels(self.name, stage, self.run_id, self.keys.of(stage), self.attempts.get(stage, 0))
 
     # artifacts ------------------------------------------------------------------------------
 

@@ -82,6 +82,13 @@ class JobSettings(ApiModel):
     active_deadline_seconds: int | None = Field(default=None, ge=1, description="Wall-clock limit of a stage Job.")
     rendezvous_port: int = Field(default=29500, ge=1, le=65535, description="torchrun rendezvous port (multi-node).")
     evaluate_gpus: int = Field(default=1, ge=0, le=16, description="GPUs of the evaluate pod (vLLM); 0 on CPU pools.")
+    history_limit: int = Field(
+        default=3,
+        ge=0,
+        le=100,
+        description="Earlier runs whose Jobs, ConfigMaps and Services are kept per DistillationJob, besides the "
+        "current run and the latest successful one; older ones are deleted (their artifacts stay in storage).",
+    )
 
 
 class ServingSettings(ApiModel):

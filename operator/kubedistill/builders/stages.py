@@ -18,6 +18,8 @@ import yaml
 from kubedistill.api.v1alpha1 import Toleration
 from kubedistill.api.worker_config import (
     CONFIG_DIR,
+    EXIT_FAILED,
+    EXIT_PREEMPTED,
     GRACE_SECONDS_ENV,
     TEACHER_API_KEY_ENV,
     TERMINATION_LOG,
@@ -42,8 +44,6 @@ from kubedistill.builders.settings import OperatorSettings
 
 PROMPTS_DIR = "/var/run/kubedistill/prompts"
 SCRATCH_DIR = "/tmp/kubedistill"  # the workers' default workDir
-EXIT_FAILED = 1  # a WorkerError: bad input or a gate the worker checks; retrying cannot help
-EXIT_PREEMPTED = 143  # SIGTERM after a checkpoint: not the workload's fault
 TRAIN_GRACE_SECONDS = 300  # time to write a checkpoint after SIGTERM
 GRACE_SECONDS = 30  # the other stages: drain requests in flight, store answers (Kubernetes' default)
 
@@ -328,7 +328,20 @@ def _volumes(plan: RunPlan, stage: Stage, placement: Placement) -> tuple[list[di
     return volumes, mounts
 
 
-def _pod_failure_policy() -> dict[str, Any]:
+def _pod_failure_policy(nodes: int) -> dict[str, Any]:
+    if nodes > 1:
+        # A group: one rank lost leaves the others blocked in a collective, so any failure
+        # (preemption included) ends the whole Job at once, and the operator starts the group
+        # again from the last checkpoint (spec.resources.maxRestarts) as a new Job.
+        return {
+            "rules": [
+                {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {"containerName": names.WORKER_CONTAINER, "operator": "NotIn", "values": [0]},
+                },
+            ]
+        }
     # Preemption (node drain, spot reclaim, Kueue) must not use up backoffLimit: the worker
     # checkpoints on SIGTERM and a new pod resumes. A worker error (exit 1) is deterministic
     # (bad input, unreachable model): fail at once instead of paying for retries.
@@ -399,8 +412,8 @@ def build_stage_job(plan: RunPlan, stage: Stage, settings: OperatorSettings) -> 
     if spec.resources.queue_name:
         job_labels[names.LABEL_KUEUE_QUEUE] = spec.resources.queue_name
     job_spec: dict[str, Any] = {
-        "backoffLimit": settings.jobs.backoff_limit,
-        "podFailurePolicy": _pod_failure_policy(),
+        "backoffLimit": 0 if placement.nodes > 1 else settings.jobs.backoff_limit,
+        "podFailurePolicy": _pod_failure_policy(placement.nodes),
         "template": {"metadata": template_meta, "spec": pod_spec},
     }
     if placement.nodes > 1:
@@ -436,7 +449,7 @@ def build_rendezvous_service(plan: RunPlan, stage: Stage, settings: OperatorSett
             "clusterIP": "None",
             # Rendezvous happens before any pod is Ready.
             "publishNotReadyAddresses": True,
-            "selector": names.stage_selector(plan.name, stage, plan.keys.of(stage)),
+            "selector": names.stage_selector(plan.name, stage, plan.keys.of(stage), plan.attempts.get(stage, 0)),
             "ports": [{"name": "rendezvous", "port": settings.jobs.rendezvous_port}],
         },
     }

@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from kubedistill.api import conditions as c
-from kubedistill.api.conditions import JobPhase, Reason, StagePhase
+from kubedistill.api.conditions import JobPhase, Reason, StagePhase, parse_rfc3339
 from kubedistill.api.v1alpha1 import (
     DIGEST_PATTERN,
     Condition,
@@ -32,10 +32,11 @@ from kubedistill.api.v1alpha1 import (
     DistillationJobStatus,
     EvaluationStatus,
     ModelArtifact,
+    RunRecord,
     StagesStatus,
     StageStatus,
 )
-from kubedistill.api.worker_config import TERMINATION_LOG, EvaluateResult, GenerateResult, TrainResult
+from kubedistill.api.worker_config import EXIT_FAILED, TERMINATION_LOG, EvaluateResult, GenerateResult, TrainResult
 from kubedistill.builders.plan import STAGES, RunPlan, Stage
 from kubedistill.builders.publish import build_distilled_model
 from kubedistill.builders.settings import OperatorSettings
@@ -68,6 +69,17 @@ class JobObservation:
     model: ModelObservation | None = None  # None: not looked up
 
 
+@dataclass(frozen=True)
+class StageFinished:
+    """A stage whose Job this decision saw finish (once per Job): what metrics count."""
+
+    stage: Stage
+    phase: StagePhase  # Succeeded or Failed (a success without a result is Failed)
+    seconds: float | None  # start to completion of the Job, where both are known
+    result: BaseModel | None  # the worker's result, when it reported one
+    gate_passed: bool | None = None  # evaluate: whether the student passed the quality gate
+
+
 @dataclass
 class JobDecision:
     """What to do now. Complete unless it asks for more observation first."""
@@ -79,6 +91,8 @@ class JobDecision:
     events: list[EventSpec] = field(default_factory=list)
     need_terminations: list[str] = field(default_factory=list)
     need_model: bool = False
+    finished: list[StageFinished] = field(default_factory=list)
+    prune: list[str] = field(default_factory=list)  # finished Jobs beyond the history: delete with their children
 
     @property
     def complete(self) -> bool:
@@ -97,6 +111,7 @@ class _Walk:
     adapter: bool = False
     blocked_at: Stage | None = None  # the first stage that is not done
     failure: tuple[str, str] | None = None  # (reason, message) of a run that stopped
+    notes: list[tuple[Stage, EventSpec]] = field(default_factory=list)  # Events of a stage's new Job
 
 
 def _stage_summary(stage: Stage, status: StageStatus, walk: _Walk) -> str:
@@ -232,12 +247,29 @@ def _walk_stages(
 
         if job.phase == StagePhase.FAILED:
             reason = clip(reported or job.message or f"Job {name} failed ({job.reason or 'unknown reason'})")
+            if job.group and _restartable(termination):
+                attempt, limit = plan.attempts.get(stage, 0), plan.job.spec.resources.max_restarts
+                if attempt < limit:
+                    again = plan.with_attempt(stage, attempt + 1)
+                    decision.create.extend(build_stage_children(again, stage, settings))
+                    message = clip(
+                        f"restarting the whole group from the last checkpoint (restart {attempt + 1} of {limit}): "
+                        f"Job {name} failed: {reason}"
+                    )
+                    walk.stages[stage] = StageStatus(
+                        job=again.job_name(stage), phase=StagePhase.PENDING, restarts=attempt + 1, message=message
+                    )
+                    cond(stage, False, Reason.GROUP_RESTARTED, message)
+                    walk.notes.append((stage, EventSpec(WARNING, Reason.GROUP_RESTARTED, f"{stage}: {message}")))
+                    continue
+                reason = clip(f"{reason} (after {attempt} whole-group restarts: spec.resources.maxRestarts is {limit})")
             walk.stages[stage] = StageStatus(
                 job=name, phase=StagePhase.FAILED, start_time=job.start_time,
                 completion_time=job.completion_time, reason=Reason.STAGE_FAILED, message=reason,
             )  # fmt: skip
             walk.failure = (Reason.STAGE_FAILED, f"{stage} failed: {reason}")
             cond(stage, False, Reason.STAGE_FAILED, reason)
+            decision.finished.append(_finished(stage, walk.stages[stage], None))
             continue
 
         # Succeeded: a stage proves it with its result, or the run fails.
@@ -253,9 +285,12 @@ def _walk_stages(
             )
             walk.failure = (Reason.STAGE_RESULT_MISSING, f"{stage} failed: {problem}")
             cond(stage, False, Reason.STAGE_RESULT_MISSING, problem)
+            decision.finished.append(_finished(stage, walk.stages[stage], None))
             continue
         walk.stages[stage] = done
         _record_result(plan, result, walk)
+        passed = walk.evaluation.passed if stage == "evaluate" and walk.evaluation is not None else None
+        decision.finished.append(_finished(stage, done, result, passed))
         if stage == "evaluate" and walk.evaluation is not None and walk.evaluation.passed is False:
             walk.failure = (Reason.QUALITY_GATE_FAILED, _gate_message(plan, walk.evaluation))
             cond(stage, False, Reason.QUALITY_GATE_FAILED, walk.failure[1])
@@ -263,6 +298,31 @@ def _walk_stages(
         walk.blocked_at = None
         cond(stage, True, Reason.STAGE_SUCCEEDED, _stage_summary(stage, done, walk))
     return walk
+
+
+def _restartable(termination: Termination | None) -> bool:
+    """A rank lost to preemption, a node or a crash: worth a restart. A worker error (exit 1) is not."""
+    return termination is None or termination.exit_code != EXIT_FAILED
+
+
+def _current_attempts(plan: RunPlan, obs: JobObservation) -> RunPlan:
+    """The plan with each stage's latest attempt as the Jobs show it (whole-group restarts)."""
+    for stage in STAGES:
+        key = plan.keys.of(stage)
+        attempts = [j.attempt for j in obs.jobs.values() if j.stage == stage and j.key == key]
+        if attempts and max(attempts) > 0:
+            plan = plan.with_attempt(stage, max(attempts))
+    return plan
+
+
+def _finished(
+    stage: Stage, status: StageStatus | None, result: BaseModel | None, gate_passed: bool | None = None
+) -> StageFinished:
+    assert status is not None
+    seconds = None
+    if status.start_time and status.completion_time:
+        seconds = max(0.0, (parse_rfc3339(status.completion_time) - parse_rfc3339(status.start_time)).total_seconds())
+    return StageFinished(stage, status.phase, seconds, result, gate_passed)
 
 
 def _missing_result_message(stage: Stage, job_name: str, reported: str | None) -> str:
@@ -274,6 +334,14 @@ def _missing_result_message(stage: Stage, job_name: str, reported: str | None) -
         f"JSON ({fields}) to {TERMINATION_LOG}; {found}. Check that the stage image runs kubedistill-worker, "
         f"then delete Job {job_name} to run the stage again"
     )
+
+
+def _count_restarts(plan: RunPlan, walk: _Walk) -> None:
+    """A stage on its n-th whole-group restart says so in its status, whatever state the attempt is in."""
+    for stage, status in walk.stages.items():
+        attempt = plan.attempts.get(stage, 0)
+        if status is not None and attempt and status.restarts is None and status.job == plan.job_name(stage):
+            walk.stages[stage] = status.model_copy(update={"restarts": attempt})
 
 
 def _gate_message(plan: RunPlan, evaluation: EvaluationStatus) -> str:
@@ -292,7 +360,9 @@ def compute_job_decision(
     new_run = old.run_id != plan.run_id
     generation = dj.metadata.generation
     decision = JobDecision(status=old)
+    plan = _current_attempts(plan, obs)
     walk = _walk_stages(dj, plan, settings, obs, now, decision)
+    _count_restarts(plan, walk)
 
     # Jobs of an older run that are still running are wasting GPUs: stop them.
     current = {plan.job_name(stage) for stage in STAGES}
@@ -375,8 +445,53 @@ def compute_job_decision(
         evaluation=walk.evaluation,
         distilled_model=output.name if (published and output.serve) else (old.distilled_model if not new_run else None),
     )
+    decision.status.history, decision.prune = compute_history(
+        decision.status, old.history or [], _current_jobs(plan, obs, decision), obs, settings.jobs.history_limit
+    )
     decision.events = _events(old, decision.status, walk, new_run, plan)
     return decision
+
+
+def _current_jobs(plan: RunPlan, obs: JobObservation, decision: JobDecision) -> set[str]:
+    """Every Job of the current run: the stages' Jobs (reused ones too), their restarts, those created now."""
+    keys = {(stage, plan.keys.of(stage)) for stage in STAGES}
+    names = {j.name for j in obs.jobs.values() if (j.stage, j.key) in keys}
+    names |= {c["metadata"]["name"] for c in decision.create if c["kind"] == "Job"}
+    stages = decision.status.stages or StagesStatus()
+    names |= {s.job for s in (stages.generate, stages.train, stages.evaluate) if s is not None and s.job}
+    return names
+
+
+def compute_history(
+    status: DistillationJobStatus,
+    old_history: list[RunRecord],
+    current_jobs: set[str],
+    obs: JobObservation,
+    limit: int,
+) -> tuple[list[RunRecord], list[str]]:
+    """The runs to remember (current first, ``limit`` earlier ones, the latest success) and the Jobs to delete.
+
+    A finished Job that no remembered run uses is deleted with its ConfigMap and Service; a Job
+    still running is never (a superseded run's running Jobs are stopped elsewhere, and their
+    records go once they finish).
+    """
+    assert status.run_id is not None
+    current = RunRecord(
+        run_id=status.run_id,
+        phase=status.phase,
+        start_time=status.start_time,
+        completion_time=status.completion_time,
+        jobs=sorted(current_jobs),
+    )
+    earlier = [r for r in old_history if r.run_id != current.run_id]
+    kept = earlier[:limit]
+    latest_success = next((r for r in earlier if r.phase == JobPhase.SUCCEEDED), None)
+    if current.phase != JobPhase.SUCCEEDED and latest_success is not None and latest_success not in kept:
+        kept.append(latest_success)
+    history = [current, *kept]
+    used = {name for record in history for name in record.jobs}
+    prune = sorted(j.name for j in obs.jobs.values() if j.name not in used and j.finished and not j.deleting)
+    return history, prune
 
 
 def _run_conditions(phase: JobPhase, walk: _Walk, now: str, generation: int | None) -> list[Condition]:
@@ -406,6 +521,11 @@ def _events(
         events.append(EventSpec(NORMAL, Reason.SPEC_CHANGED, f"the spec changed: run {plan.run_id} starts"))
     old_stages = old.stages or StagesStatus()
     new_stages = new.stages or StagesStatus()
+    for stage, note in walk.notes:  # once: when the stage moves to its new Job
+        before_job = getattr(old_stages, stage).job if getattr(old_stages, stage) is not None else None
+        after_job = getattr(new_stages, stage).job if getattr(new_stages, stage) is not None else None
+        if before_job != after_job:
+            events.append(note)
     for stage in STAGES:
         before: StageStatus | None = getattr(old_stages, stage)
         after: StageStatus | None = getattr(new_stages, stage)

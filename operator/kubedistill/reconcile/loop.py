@@ -27,7 +27,13 @@ from kubedistill.api.v1alpha1 import API_VERSION, DistillationJob, DistillationJ
 from kubedistill.builders import names
 from kubedistill.builders.plan import RunPlan
 from kubedistill.builders.settings import OperatorSettings
-from kubedistill.reconcile.distillation import JobDecision, JobObservation, ModelObservation, compute_job_decision
+from kubedistill.reconcile.distillation import (
+    JobDecision,
+    JobObservation,
+    ModelObservation,
+    StageFinished,
+    compute_job_decision,
+)
 from kubedistill.reconcile.keys import compute_stage_keys
 from kubedistill.reconcile.observe import ObservedJob, Termination, observe_job, pick_termination
 from kubedistill.reconcile.serving import ModelObservations, compute_model_decision
@@ -66,10 +72,11 @@ class InvalidSpec(Exception):
 
 @dataclass(frozen=True)
 class Outcome:
-    """How a reconcile ended: the phase written and whether the resource still has work in flight."""
+    """How a reconcile ended: the phase written, whether work is still in flight, what finished."""
 
     phase: str | None
     active: bool
+    finished: tuple[StageFinished, ...] = ()
 
 
 async def _write_status(
@@ -128,7 +135,7 @@ async def _observe_jobs(
 
 async def _termination(cluster: Cluster, namespace: str, job: ObservedJob) -> Termination | None:
     pods = await cluster.list("v1", "Pod", namespace, f"batch.kubernetes.io/controller-uid={job.uid}")
-    return pick_termination(pods, succeeded=job.phase == c.StagePhase.SUCCEEDED)
+    return pick_termination(pods, succeeded=job.phase == c.StagePhase.SUCCEEDED, group=job.group)
 
 
 async def _observe_model(cluster: Cluster, namespace: str, name: str) -> ModelObservation:
@@ -192,12 +199,22 @@ async def reconcile_distillation_job(
     for job_name in decision.delete_jobs:
         log.info("deleting superseded Job %s/%s", namespace, job_name)
         await cluster.delete("batch/v1", "Job", namespace, job_name)
+    for job_name in decision.prune:
+        log.info("deleting Job %s/%s and its ConfigMap and Service: beyond the run history", namespace, job_name)
+        await cluster.delete("batch/v1", "Job", namespace, job_name)
+        # Named after their Job (builders/names.py); a Service exists for multi-node stages only.
+        await cluster.delete("v1", "ConfigMap", namespace, names.stage_config_name(job_name))
+        await cluster.delete("v1", "Service", namespace, names.rendezvous_service_name(job_name))
     if decision.publish is not None:
         await cluster.apply(decision.publish)
         log.info("published DistilledModel %s/%s", namespace, decision.publish["metadata"]["name"])
     await _write_status(cluster, DJ_KIND, raw, decision.status.to_wire(), decision.events)
     phase = decision.status.phase
-    return Outcome(phase=phase.value if phase else None, active=phase is None or not phase.terminal)
+    return Outcome(
+        phase=phase.value if phase else None,
+        active=phase is None or not phase.terminal,
+        finished=tuple(decision.finished),
+    )
 
 
 # --------------------------------------------------------------------------- DistilledModel

@@ -37,6 +37,8 @@ class ObservedJob:
     stage: str | None
     key: str | None
     phase: StagePhase
+    attempt: int = 0  # whole-group restarts before this Job (multi-node training)
+    group: bool = False  # several pods that stand or fall together (an Indexed Job of a multi-node stage)
     start_time: str | None = None
     completion_time: str | None = None
     reason: str | None = None  # of the Failed condition: BackoffLimitExceeded, PodFailurePolicy, ...
@@ -76,7 +78,9 @@ def compact_job(body: Mapping[str, Any]) -> dict[str, Any]:
             "labels": dict(meta.get("labels") or {}),
             "ownerReferences": list(meta.get("ownerReferences") or []),
             "deletionTimestamp": meta.get("deletionTimestamp"),
+            "creationTimestamp": meta.get("creationTimestamp"),
         },
+        "spec": {"completions": (body.get("spec") or {}).get("completions")},
         "status": {k: status[k] for k in keep_status if k in status},
     }
 
@@ -108,6 +112,8 @@ def observe_job(body: Mapping[str, Any]) -> ObservedJob:
         stage=labels.get(names.LABEL_STAGE),
         key=labels.get(names.LABEL_STAGE_KEY),
         phase=phase,
+        attempt=int(labels.get(names.LABEL_ATTEMPT, "0") or 0),
+        group=((body.get("spec") or {}).get("completions") or 1) > 1,
         start_time=status.get("startTime"),
         completion_time=completion,
         reason=reason,
@@ -129,11 +135,12 @@ def _worker_state(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return terminated if isinstance(terminated, Mapping) else None
 
 
-def pick_termination(pods: Iterable[Mapping[str, Any]], succeeded: bool) -> Termination | None:
+def pick_termination(pods: Iterable[Mapping[str, Any]], succeeded: bool, group: bool = False) -> Termination | None:
     """The pod whose termination message speaks for the Job.
 
     On success: the pod of completion index 0 (rank 0 reports for a multi-node run).
-    On failure: the most recent failed pod, preferring one that left a message.
+    On failure: the most recent failed pod, preferring one that left a message; for a group
+    (multi-node) Job the *first* to fail, since the others were stopped because of it.
     """
     candidates: list[tuple[tuple[int, int, str], Termination]] = []
     for pod in pods:
@@ -150,11 +157,19 @@ def pick_termination(pods: Iterable[Mapping[str, Any]], succeeded: bool) -> Term
             pod=meta.get("name", ""), exit_code=state.get("exitCode"), reason=state.get("reason"), message=message
         )
         finished = str(state.get("finishedAt") or "")
-        rank = (1 if index == "0" else 0, 1 if message else 0, finished)
+        if group and not succeeded:
+            # Earliest first: max() over the negated order of finishedAt (RFC 3339 sorts as text).
+            rank: tuple[Any, ...] = (1 if message else 0, _descending(finished))
+        else:
+            rank = (1 if index == "0" else 0, 1 if message else 0, finished)
         candidates.append((rank, termination))
     if not candidates:
         return None
     return max(candidates, key=lambda c: c[0])[1]
+
+
+def _descending(text: str) -> tuple[int, ...]:
+    return tuple(-ord(ch) for ch in text)
 
 
 def parse_result(stage: str, message: str | None) -> BaseModel | None:

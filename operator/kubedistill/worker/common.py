@@ -26,13 +26,13 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from kubedistill.api.base import describe_validation_error
+from kubedistill.api.worker_config import EXIT_FAILED as EXIT_FAILED  # the worker contract, re-exported
+from kubedistill.api.worker_config import EXIT_INTERNAL as EXIT_INTERNAL
+from kubedistill.api.worker_config import EXIT_PREEMPTED as EXIT_PREEMPTED
 from kubedistill.api.worker_config import GRACE_SECONDS_ENV, TERMINATION_LOG
 
 # Kubernetes keeps at most 4096 bytes of a termination message.
 TERMINATION_MESSAGE_LIMIT = 4096
-EXIT_FAILED = 1
-EXIT_INTERNAL = 2
-EXIT_PREEMPTED = 143
 
 log = logging.getLogger("kubedistill.worker")
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
