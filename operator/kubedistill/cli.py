@@ -5,6 +5,7 @@
     kubedistill crds --stdout | kubectl apply -f -
     kubedistill operator                # run the operator (kopf) against $KUBECONFIG or in-cluster
     kubedistill operator --namespace ml-team --settings /etc/kubedistill-operator/settings.yaml
+    kubedistill operator --leader-elect --metrics-port 8080 --log-format json   # one of 2 replicas (the chart)
     kubedistill local run job.yaml      # run a DistillationJob's stages on this machine, then serve the model
     kubedistill local demo              # a complete distillation on a laptop: tiny teacher, student, vLLM
     kubedistill version
@@ -19,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 def _no_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,8 +99,30 @@ def _operator_arguments(parser: argparse.ArgumentParser) -> None:
         help="watch only this namespace (repeatable; default: the settings' namespaces, else all)",
     )
     parser.add_argument("--settings", help="operator settings YAML (default: $KUBEDISTILL_SETTINGS)")
-    parser.add_argument("--liveness", help="serve kopf's liveness probe here, e.g. http://0.0.0.0:8080/healthz")
+    parser.add_argument(
+        "--liveness", help="also serve kopf's own liveness probe here, e.g. http://0.0.0.0:8081/healthz"
+    )
     parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: the settings'")
+    parser.add_argument("--log-format", choices=["text", "json"], default="text", help="json: one JSON object a line")
+    parser.add_argument(
+        "--metrics-port", type=int, default=None, help="serve /metrics, /healthz and /readyz on this port (0: any free)"
+    )
+    parser.add_argument("--metrics-host", default="0.0.0.0", help="address of the metrics server")
+    parser.add_argument(
+        "--leader-elect",
+        action="store_true",
+        help="one of several replicas: reconcile only while holding the Lease",
+    )
+    parser.add_argument("--lease-name", default="kubedistill-operator", help="name of the leader Lease")
+    parser.add_argument(
+        "--lease-namespace", default=None, help="namespace of the leader Lease (default: $POD_NAMESPACE, else default)"
+    )
+    parser.add_argument("--lease-seconds", type=float, default=15.0, help="how long the Lease holds without renewal")
+    parser.add_argument("--lease-renew-deadline", type=float, default=10.0, help="leader steps down after this")
+    parser.add_argument("--lease-retry", type=float, default=2.0, help="seconds between Lease attempts")
+
+
+EXIT_LOST_LEASE = 3  # the leader Lease was lost: Kubernetes restarts the pod as a standby
 
 
 def _run_operator(args: argparse.Namespace) -> int:
@@ -107,26 +132,67 @@ def _run_operator(args: argparse.Namespace) -> int:
 
     from kubedistill.handlers import register
     from kubedistill.settings import load_settings
+    from kubedistill.telemetry import Health, OperatorMetrics, TelemetryServer, configure_logging
 
     settings = load_settings(args.settings)
     if args.namespace:
         settings = settings.model_copy(update={"namespaces": list(args.namespace)})
     level = getattr(logging, args.log_level or settings.log_level)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(level, args.log_format)
     # kopf logs every handler run at INFO (a line per object per event); keep it to problems.
     # The kubernetes client logs request bodies at DEBUG: never let that through.
     logging.getLogger("kopf").setLevel(level if level == logging.DEBUG else logging.WARNING)
     for noisy in ("kubernetes", "urllib3", "aiohttp"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    kopf.run(
-        registry=register(settings),
-        standalone=True,
-        clusterwide=not settings.namespaces,
-        namespaces=settings.namespaces,
-        liveness_endpoint=args.liveness,
-        memo=kopf.Memo(),
-    )
+
+    metrics, health = OperatorMetrics(), Health()
+    server = None
+    if args.metrics_port is not None:
+        server = TelemetryServer(metrics, health, args.metrics_host, args.metrics_port).start()
+    elector = _elect_leader(args, health) if args.leader_elect else None
+    metrics.leader.set(1)
+    try:
+        kopf.run(
+            registry=register(settings, metrics=metrics, health=health),
+            standalone=True,
+            clusterwide=not settings.namespaces,
+            namespaces=settings.namespaces,
+            liveness_endpoint=args.liveness,
+            memo=kopf.Memo(),
+        )
+    finally:
+        health.leading = False
+        metrics.leader.set(0)
+        if elector is not None:
+            elector.release()
+        if server is not None:
+            server.stop()
     return 0
+
+
+def _elect_leader(args: argparse.Namespace, health: Any) -> Any:
+    """Block until this replica holds the leader Lease, then keep renewing it (or exit when it is lost)."""
+    import os
+    import threading
+
+    from kubedistill.kube.client import load_api_client
+    from kubedistill.kube.leader import LeaseElector, LeaseTiming
+
+    namespace = args.lease_namespace or os.environ.get("POD_NAMESPACE") or "default"
+    timing = LeaseTiming(args.lease_seconds, args.lease_renew_deadline, args.lease_retry)
+    elector = LeaseElector(load_api_client(2), namespace, args.lease_name, timing=timing)
+    waiting = threading.current_thread()
+    health.standby_alive = waiting.is_alive
+    started = time.monotonic()
+    elector.acquire()
+    print(f"kubedistill operator: leader after {time.monotonic() - started:.1f}s as {elector.identity}", flush=True)
+
+    def lost() -> None:
+        # Another replica may already reconcile: stop now, without kopf's graceful shutdown.
+        os._exit(EXIT_LOST_LEASE)
+
+    elector.hold(lost)
+    return elector
 
 
 # --------------------------------------------------------------------------- local

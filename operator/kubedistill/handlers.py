@@ -39,6 +39,7 @@ from kubedistill.kube.pacing import Priority
 from kubedistill.reconcile.loop import InvalidSpec
 from kubedistill.reconcile.observe import compact_job, observe_job
 from kubedistill.runtime import Runtime
+from kubedistill.telemetry import Health, OperatorMetrics
 
 log = logging.getLogger("kubedistill.handlers")
 
@@ -47,6 +48,7 @@ DM = (GROUP, VERSION, "distilledmodels")
 MANAGED = {names.LABEL_MANAGED_BY: names.MANAGED_BY}
 ACTIVE_PHASES = frozenset({None, "Pending", "Generating", "Training", "Evaluating", "Publishing"})
 ACTIVE_MODEL_PHASES = frozenset({None, "Pending", "Deploying", "Degraded"})
+HEARTBEAT_SECONDS = 5.0
 
 
 def configure_kopf(settings: kopf.OperatorSettings, ours: OperatorSettings) -> None:
@@ -96,9 +98,23 @@ async def _resync(runtime: Runtime, interval: float) -> None:
             await asyncio.sleep(step)
 
 
-def register(ours: OperatorSettings, registry: kopf.OperatorRegistry | None = None) -> kopf.OperatorRegistry:
+async def _heartbeat(health: Health) -> None:
+    """The event loop turns: what /healthz checks (a wedged loop stops this too)."""
+    while True:
+        health.beat()
+        await asyncio.sleep(HEARTBEAT_SECONDS)
+
+
+def register(
+    ours: OperatorSettings,
+    registry: kopf.OperatorRegistry | None = None,
+    metrics: OperatorMetrics | None = None,
+    health: Health | None = None,
+) -> kopf.OperatorRegistry:
     """Register every handler (in a fresh registry unless one is given) for these settings."""
     registry = registry or kopf.OperatorRegistry()
+    metrics = metrics or OperatorMetrics()
+    health = health or Health()
 
     @kopf.on.login(id="login", registry=registry)
     def login(**kwargs: Any) -> Any:
@@ -109,9 +125,11 @@ def register(ours: OperatorSettings, registry: kopf.OperatorRegistry | None = No
     @kopf.on.startup(id="startup", registry=registry)
     async def startup(*, settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
         configure_kopf(settings, ours)
-        runtime = Runtime(ours, KubeClient(ours.reconcile))
+        runtime = Runtime(ours, KubeClient(ours.reconcile), metrics)
         memo.runtime = runtime
         memo.resync = asyncio.create_task(_resync(runtime, ours.reconcile.resync_seconds))
+        memo.heartbeat = asyncio.create_task(_heartbeat(health))
+        health.leading = True
         log.info(
             "kubedistill operator: namespaces %s, worker image %s, GPU pool %s",
             ours.namespaces or "all",
@@ -122,6 +140,7 @@ def register(ours: OperatorSettings, registry: kopf.OperatorRegistry | None = No
     @kopf.on.cleanup(id="cleanup", registry=registry)
     async def cleanup(*, memo: Any, **_: Any) -> None:
         memo.resync.cancel()
+        memo.heartbeat.cancel()
         runtime = _runtime(memo)
         log.info("kubedistill operator stops: %s", runtime.summary())
         await runtime.close()

@@ -36,6 +36,7 @@ from kubedistill.reconcile.loop import (
     reconcile_distillation_job,
     reconcile_distilled_model,
 )
+from kubedistill.telemetry import OperatorMetrics
 
 log = logging.getLogger("kubedistill.runtime")
 Key = tuple[str, str, str]  # (kind, namespace, name)
@@ -45,9 +46,11 @@ RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 class Runtime:
     """Shared by every handler through kopf's ``memo``."""
 
-    def __init__(self, settings: OperatorSettings, cluster: KubeClient) -> None:
+    def __init__(self, settings: OperatorSettings, cluster: KubeClient, metrics: OperatorMetrics | None = None) -> None:
         self.settings = settings
         self.cluster = cluster
+        self.metrics = metrics or OperatorMetrics()
+        self.metrics.bind(self)
         # kopf's indices (live watch caches), bound by the first handler call.
         self.jobs_index: Mapping[Any, Iterable[Mapping[str, Any]]] | None = None
         self.job_phases: Mapping[Any, Iterable[Any]] | None = None
@@ -89,6 +92,11 @@ class Runtime:
     def queue_depth(self) -> int:
         """Reconciles waiting for a slot (kicked or handler-driven)."""
         return self._slots.waiting
+
+    @property
+    def api_queue_depth(self) -> int:
+        """API requests waiting for a token of the client's rate limit."""
+        return self.cluster.limiter.waiting
 
     @contextlib.asynccontextmanager
     async def _exclusive(self, key: Key, priority: Priority) -> AsyncIterator[None]:
@@ -141,11 +149,19 @@ class Runtime:
 
     async def _reconcile_job(self, namespace: str, name: str) -> Outcome:
         start = time.monotonic()
-        outcome = await reconcile_distillation_job(
-            self.cluster, self.settings, namespace, name, self._jobs_of(namespace, name)
-        )
-        self._count(time.monotonic() - start)
-        log.debug("reconciled DistillationJob %s/%s in %.3fs: %s", namespace, name, self.durations[-1], outcome)
+        try:
+            outcome = await reconcile_distillation_job(
+                self.cluster, self.settings, namespace, name, self._jobs_of(namespace, name)
+            )
+        except InvalidSpec:
+            raise
+        except Exception:
+            self.metrics.observe_error("DistillationJob")
+            raise
+        seconds = time.monotonic() - start
+        self._count(seconds)
+        self.metrics.observe_reconcile("DistillationJob", seconds, outcome.finished)
+        log.debug("reconciled DistillationJob %s/%s in %.3fs: %s", namespace, name, seconds, outcome)
         return outcome
 
     async def reconcile_job(self, namespace: str, name: str) -> Outcome:
@@ -161,8 +177,16 @@ class Runtime:
 
     async def _reconcile_model(self, namespace: str, name: str) -> Outcome:
         start = time.monotonic()
-        outcome = await reconcile_distilled_model(self.cluster, self.settings, namespace, name)
-        self._count(time.monotonic() - start)
+        try:
+            outcome = await reconcile_distilled_model(self.cluster, self.settings, namespace, name)
+        except InvalidSpec:
+            raise
+        except Exception:
+            self.metrics.observe_error("DistilledModel")
+            raise
+        seconds = time.monotonic() - start
+        self._count(seconds)
+        self.metrics.observe_reconcile("DistilledModel", seconds)
         return outcome
 
     async def reconcile_model(self, namespace: str, name: str) -> Outcome:

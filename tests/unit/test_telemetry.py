@@ -1,0 +1,143 @@
+"""The operator's metrics, health endpoints and JSON logs, scraped over HTTP like Prometheus does."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import urllib.error
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from kubedistill.api.conditions import StagePhase
+from kubedistill.api.worker_config import EvaluateResult, GenerateResult
+from kubedistill.reconcile.distillation import StageFinished
+from kubedistill.runtime import Runtime
+from kubedistill.settings import OperatorSettings
+from kubedistill.telemetry import Health, JsonFormatter, OperatorMetrics, TelemetryServer
+from tests.support.djobs import distillation_job, evaluate_result, generate_result, train_result
+from tests.support.fake_cluster import FakeCluster
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Every sample as 'name{label="v",...}' -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def test_stage_outcomes_are_counted_once_with_their_durations_tokens_and_gate():
+    metrics = OperatorMetrics()
+    server = TelemetryServer(metrics, Health(), "127.0.0.1", 0).start()
+    try:
+        generate = GenerateResult.model_validate_json(generate_result(100))
+        generate = generate.model_copy(update={"prompt_tokens": 1200, "completion_tokens": 3400})
+        metrics.observe_reconcile(
+            "DistillationJob",
+            0.02,
+            [
+                StageFinished("generate", StagePhase.SUCCEEDED, 600.0, generate),
+                StageFinished("train", StagePhase.FAILED, 42.0, None),
+                StageFinished(
+                    "evaluate", StagePhase.SUCCEEDED, 30.0, EvaluateResult.model_validate_json(evaluate_result()), True
+                ),
+            ],
+        )
+        samples = scrape(server.port)
+    finally:
+        server.stop()
+    assert samples['kubedistill_reconcile_duration_seconds_count{kind="DistillationJob"}'] == 1
+    assert samples['kubedistill_stages_finished_total{result="succeeded",stage="generate"}'] == 1
+    assert samples['kubedistill_stages_finished_total{result="failed",stage="train"}'] == 1
+    assert samples['kubedistill_stage_duration_seconds_sum{result="succeeded",stage="generate"}'] == 600.0
+    assert samples['kubedistill_teacher_tokens_total{type="prompt"}'] == 1200
+    assert samples['kubedistill_teacher_tokens_total{type="completion"}'] == 3400
+    assert samples['kubedistill_quality_gate_total{result="passed"}'] == 1
+
+
+async def test_runs_by_phase_queue_depth_and_requests_come_from_the_runtime():
+    cluster = FakeCluster()
+    runtime = Runtime(OperatorSettings(), cluster)  # type: ignore[arg-type]
+    for name in ("a", "b"):
+        cluster.put(distillation_job(name))
+        await runtime.reconcile_job("ns", name)
+    # kopf's index of DistillationJob phases, as the handlers bind it.
+    runtime.job_phases = {("ns", "a"): ["Generating"], ("ns", "b"): ["Succeeded"], ("ns", "c"): [None]}
+    server = TelemetryServer(runtime.metrics, Health(), "127.0.0.1", 0).start()
+    try:
+        samples = await asyncio.to_thread(scrape, server.port)
+    finally:
+        server.stop()
+        await runtime.close()
+    assert samples['kubedistill_distillation_jobs{phase="Generating"}'] == 1
+    assert samples['kubedistill_distillation_jobs{phase="Succeeded"}'] == 1
+    assert samples['kubedistill_distillation_jobs{phase="None"}'] == 1
+    assert samples['kubedistill_distillation_jobs{phase="Failed"}'] == 0
+    assert samples['kubedistill_reconcile_queue_depth{queue="slots"}'] == 0
+    assert samples["kubedistill_api_requests_total"] == cluster.requests > 0
+    assert samples['kubedistill_reconcile_duration_seconds_count{kind="DistillationJob"}'] == 2
+
+
+async def test_a_full_run_through_the_runtime_is_counted():
+    cluster = FakeCluster()
+    cluster.put(distillation_job("full", serve=False))
+    runtime = Runtime(OperatorSettings(), cluster)  # type: ignore[arg-type]
+    results = {"generate": generate_result(), "train": train_result(), "evaluate": evaluate_result(0.5)}
+    for stage in ("generate", "train", "evaluate"):
+        await runtime.reconcile_job("ns", "full")
+        [job] = [j for j in cluster.of_kind("Job") if j["metadata"]["labels"]["kubedistill.io/stage"] == stage]
+        cluster.finish_job("ns", job["metadata"]["name"], message=results[stage])
+    await runtime.reconcile_job("ns", "full")
+    await runtime.reconcile_job("ns", "full")  # nothing new finished: nothing counted twice
+    server = TelemetryServer(runtime.metrics, Health(), "127.0.0.1", 0).start()
+    try:
+        samples = await asyncio.to_thread(scrape, server.port)
+    finally:
+        server.stop()
+        await runtime.close()
+    for stage in ("generate", "train", "evaluate"):
+        assert samples[f'kubedistill_stages_finished_total{{result="succeeded",stage="{stage}"}}'] == 1
+    assert samples['kubedistill_quality_gate_total{result="failed"}'] == 1
+    assert samples['kubedistill_teacher_tokens_total{type="prompt"}'] == 0  # the result reported none
+
+
+def test_health_and_readiness_of_leader_and_standby():
+    health = Health()
+    server = TelemetryServer(OperatorMetrics(), health, "127.0.0.1", 0).start()
+    try:
+        assert get(server.port, "/healthz")[0] == 200  # a standby is alive
+        status, body = get(server.port, "/readyz")
+        assert status == 503 and "standby" in body
+        health.leading = True
+        health.beat()
+        assert get(server.port, "/readyz")[0] == 200
+        assert get(server.port, "/healthz")[0] == 200
+        health._beat -= 120  # the event loop has not turned for two minutes
+        status, body = get(server.port, "/healthz")
+        assert status == 503 and "120s" in body
+        assert get(server.port, "/nothing")[0] == 404
+    finally:
+        server.stop()
+
+
+def test_json_logs_are_one_object_per_line():
+    record = logging.LogRecord(
+        "kubedistill.runtime", logging.WARNING, __file__, 1, "reconcile of %s failed", ("x",), None
+    )
+    doc = json.loads(JsonFormatter().format(record))
+    assert doc["level"] == "WARNING" and doc["logger"] == "kubedistill.runtime"
+    assert doc["message"] == "reconcile of x failed" and doc["time"].endswith("Z")
