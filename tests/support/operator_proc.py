@@ -23,7 +23,9 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator, Mapping
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,31 +51,46 @@ class OperatorProcess:
         log_dir: Path,
         settings: Mapping[str, Any] | None = None,
         log_level: str = "INFO",
+        args: Sequence[str] = (),
+        log_name: str = "operator.log",
     ) -> None:
         self.cluster = cluster
         self.namespace = namespace
         self.log_dir = log_dir
         self.settings = dict(settings or {})
         self.log_level = log_level
+        self.args = list(args)
+        self.log_name = log_name
         self.proc: ManagedProcess | None = None
         self.starts = 0
+        self.port = 0
 
     @property
     def log_path(self) -> Path:
-        return self.log_dir / "operator.log"
+        return self.log_dir / self.log_name
 
-    def start(self, timeout: float = 60, settings: Mapping[str, Any] | None = None) -> OperatorProcess:
+    @property
+    def url(self) -> str:
+        """Base URL of the operator's /metrics, /healthz and /readyz."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(
+        self, timeout: float = 60, settings: Mapping[str, Any] | None = None, *, ready: bool = True
+    ) -> OperatorProcess:
+        """Start it and wait until it reconciles (``ready``), or only until it answers (a standby replica)."""
         if settings is not None:
             self.settings = dict(settings)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        settings_file = self.log_dir / f"settings-{self.starts}.yaml"
+        settings_file = self.log_dir / f"settings-{self.log_name}-{self.starts}.yaml"
         settings_file.write_text(yaml.safe_dump(self.settings))
-        port = free_port()
+        self.port = free_port()
         argv = [
             sys.executable, "-m", "kubedistill", "operator",
             "--settings", str(settings_file),
-            "--liveness", f"http://127.0.0.1:{port}/healthz",
+            "--metrics-host", "127.0.0.1",
+            "--metrics-port", str(self.port),
             "--log-level", self.log_level,
+            *self.args,
         ]  # fmt: skip
         if self.namespace:
             argv += ["--namespace", self.namespace]
@@ -82,8 +99,28 @@ class OperatorProcess:
             log.write(f"---- start {self.starts}: {' '.join(argv)}\n")
         self.proc = ManagedProcess(argv, log_path=self.log_path, env=env, cwd=REPO_ROOT, name="operator").start()
         self.starts += 1
-        wait_for_http(f"http://127.0.0.1:{port}/healthz", timeout=timeout, proc=self.proc)
+        wait_for_http(f"{self.url}/{'readyz' if ready else 'healthz'}", timeout=timeout, proc=self.proc)
         return self
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/readyz", timeout=5) as response:
+                return bool(response.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample of /metrics as 'name{label="v",...}' -> value."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        samples = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+        return samples
 
     def kill(self) -> None:
         """SIGKILL: no cleanup, no goodbye; whatever was in flight is lost."""
@@ -137,12 +174,20 @@ def crds(cluster: Cluster) -> None:
 def start_operator(cluster: Cluster, namespace: str, crds: None, tmp_path: Path) -> Iterator[OperatorFactory]:
     started: list[OperatorProcess] = []
 
-    def start(stages: dict[str, dict[str, str]] | None = None, **settings: Any) -> OperatorProcess:
+    def start(
+        stages: dict[str, dict[str, str]] | None = None,
+        *,
+        args: Sequence[str] = (),
+        ready: bool = True,
+        **settings: Any,
+    ) -> OperatorProcess:
         annotations = {**OK, **(stages or {})}
         settings = {"stagePodAnnotations": annotations, **settings}
-        op = OperatorProcess(cluster, namespace, log_dir=tmp_path / f"operator-{len(started)}", settings=settings)
+        op = OperatorProcess(
+            cluster, namespace, log_dir=tmp_path, settings=settings, args=args, log_name=f"operator-{len(started)}.log"
+        )
         started.append(op)
-        return op.start()
+        return op.start(ready=ready)
 
     yield start
     for op in started:
