@@ -55,6 +55,14 @@ OPTIONS: dict[str, Any] = {
         "tolerations": [{"key": "system", "operator": "Exists", "effect": "NoSchedule"}],
         "priorityClassName": "system-cluster-critical",
         "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy.example.com:3128"}],
+        "replicas": 1,
+        "leaderElection": {"enabled": False},
+        "logFormat": "text",
+    },
+    "metrics": {
+        "port": 9090,
+        "serviceMonitor": {"enabled": True, "interval": "15s", "labels": {"release": "prometheus"}},
+        "dashboard": {"enabled": True},
     },
     "settings": {
         "namespaces": ["team-a", "team-b"],
@@ -132,20 +140,37 @@ def test_chart_lints_clean(helm_path: Path, tmp_path: Path) -> None:
 def test_default_render(helm_path: Path, tmp_path: Path) -> None:
     docs = render(helm_path, tmp_path)
     assert sorted(d["kind"] for d in docs) == sorted(
-        ["ServiceAccount", "ConfigMap", "ClusterRole", "ClusterRole", "ClusterRole", "ClusterRoleBinding", "Deployment"]
-    )
+        ["ServiceAccount", "ConfigMap", "ClusterRole", "ClusterRole", "ClusterRole", "ClusterRoleBinding", "Deployment",
+         "Role", "RoleBinding", "Service"]
+    )  # fmt: skip
     assert all(d["metadata"].get("namespace") == "kd-system" for d in docs if not d["kind"].startswith("Cluster"))
 
     deployment = one(docs, "Deployment")
     spec = deployment["spec"]
-    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    # Two replicas, one leader (a Lease in the release namespace), handed over in rolling upgrades.
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
     pod = spec["template"]["spec"]
     [container] = pod["containers"]
     assert container["image"] == "ghcr.io/kubedistill/operator:0.1.0"
     assert container["command"] == ["kubedistill"]
-    assert container["args"] == ["operator", "--settings", SETTINGS_PATH, "--liveness", "http://0.0.0.0:8080/healthz"]
-    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
-    assert {"containerPort": 8080, "name": "healthz", "protocol": "TCP"} in container["ports"]
+    assert container["args"] == [
+        "operator", "--settings", SETTINGS_PATH, "--metrics-port", "8080", "--log-format", "json",
+        "--leader-elect", "--lease-name", "kd-kubedistill", "--lease-namespace", "kd-system",
+        "--lease-seconds", "15", "--lease-renew-deadline", "10", "--lease-retry", "2",
+    ]  # fmt: skip
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert {"containerPort": 8080, "name": "metrics", "protocol": "TCP"} in container["ports"]
+    lease_role = one(docs, "Role", "kd-kubedistill-leader-election")
+    assert {(tuple(r["verbs"]), tuple(r.get("resourceNames", []))) for r in lease_role["rules"]} == {
+        (("create",), ()),
+        (("get", "update"), ("kd-kubedistill",)),
+    }
+    assert one(docs, "RoleBinding")["roleRef"]["name"] == "kd-kubedistill-leader-election"
+    metrics_service = one(docs, "Service")
+    assert metrics_service["spec"]["ports"] == [{"name": "metrics", "port": 8080, "targetPort": "metrics",
+                                                 "protocol": "TCP"}]  # fmt: skip
     # The restricted Pod Security Standard, and a read-only root with a writable /tmp.
     assert pod["securityContext"] == {
         "runAsNonRoot": True,
@@ -199,9 +224,24 @@ def test_render_with_options(helm_path: Path, tmp_path: Path) -> None:
     assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "false"
     assert pod["metadata"]["labels"]["team"] == "platform"
     assert one(docs, "ServiceAccount")["metadata"]["annotations"] == {"example.com/owner": "platform"}
+    # One replica without leader election: Recreate, never two operators at once.
+    deployment = one(docs, "Deployment", "distill")["spec"]
+    assert deployment["replicas"] == 1 and deployment["strategy"] == {"type": "Recreate"}
+    args = spec["containers"][0]["args"]
+    assert "--leader-elect" not in args and args[-4:] == ["--metrics-port", "9090", "--log-format", "text"]
+    # Prometheus Operator and Grafana: a ServiceMonitor on the metrics Service, the dashboard ConfigMap.
+    monitor = one(docs, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "15s"}]
+    service = one(docs, "Service", "distill-metrics")
+    labels = service["metadata"]["labels"]
+    assert all(labels.get(k) == v for k, v in monitor["spec"]["selector"]["matchLabels"].items())  # it selects it
+    dashboard = one(docs, "ConfigMap", "distill-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["kubedistill.json"])["uid"] == "kubedistill-operator"
 
     # Watched namespaces: a Role and RoleBinding in each, no cluster-wide write anywhere.
-    roles = [d for d in docs if d["kind"] == "Role"]
+    roles = [d for d in docs if d["kind"] == "Role"]  # no leader-election Role: it is off here
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     for binding in (d for d in docs if d["kind"] == "RoleBinding"):
         assert binding["roleRef"]["kind"] == "Role" and binding["roleRef"]["name"] == "distill-operator"
@@ -229,7 +269,16 @@ def test_a_settings_change_rolls_the_operator(helm_path: Path, tmp_path: Path) -
     ("args", "message"),
     [
         (["--set", "settings.bogus=1"], "at '/settings': additional properties 'bogus' not allowed"),
-        (["--set", "operator.replicas=2"], "at '/operator': additional properties 'replicas' not allowed"),
+        (["--set", "operator.replica=2"], "at '/operator': additional properties 'replica' not allowed"),
+        (
+            ["--set", "operator.replicas=2", "--set", "operator.leaderElection.enabled=false"],
+            "operator.replicas above 1 needs operator.leaderElection.enabled",
+        ),
+        (["--set", "operator.logFormat=xml"], "at '/operator/logFormat'"),
+        (
+            ["--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.service.enabled=false"],
+            "metrics.serviceMonitor.enabled needs metrics.service.enabled",
+        ),
         (["--set", "settings.gpuPool.gpusPerNode=x"], "at '/settings/gpuPool/gpusPerNode': got string, want integer"),
         (["--set", "settings.gpuPool.gpusPerNode=65"], "maximum: got 65, want 64"),
         (["--set", "settings.logLevel=LOUD"], "at '/settings/logLevel'"),
@@ -317,7 +366,7 @@ def test_install_runs_under_restricted_and_uninstall_keeps_the_crds(
 
     # (b) The operator pod was admitted under `restricted` and runs (kwok plays it).
     pods = cluster.kubectl_json("-n", namespace, "get", "pods", "-l", "app.kubernetes.io/component=operator")["items"]
-    assert [p["status"]["phase"] for p in pods] == ["Running"]
+    assert [p["status"]["phase"] for p in pods] == ["Running", "Running"]  # a leader and a standby
     assert pods[0]["spec"]["serviceAccountName"] == release.service_account
     assert pods[0]["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
     # The CRDs: Helm installed them when they were missing (other tests of this session install
@@ -373,6 +422,20 @@ def wait_model(cluster: Cluster, op: OperatorProcess, namespace: str, name: str,
         raise AssertionError(f"{err}\nstatus: {status()}\noperator log:\n{op.tail(80)}") from None
 
 
+def _without_options(args: list[str], *options: str) -> list[str]:
+    """``args`` without each ``option`` and the value that follows it."""
+    out: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in options:
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
 def _token_kubeconfig(cluster: Cluster, token: str, path: Path) -> Path:
     """A kubeconfig for the same API server that authenticates with a bearer token only."""
     admin = yaml.safe_load(cluster.kubeconfig.read_text())
@@ -412,7 +475,13 @@ def test_the_operator_runs_a_distillation_with_the_chart_rbac_and_settings(
         as_pod = dataclasses.replace(cluster, kubeconfig=kubeconfig)
         assert as_pod.kubectl("auth", "whoami", "-o", "jsonpath={.status.userInfo.username}").stdout == release.user
 
-        op = OperatorProcess(as_pod, None, log_dir=tmp_path / "operator", settings=settings)
+        # The chart's own arguments (leader election on its Lease, JSON logs), with this process's
+        # settings file and a free metrics port in place of the pod's.
+        deployment = cluster.kubectl_json("-n", namespace, "get", "deployment", f"{release.name}-kubedistill")
+        chart_args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        args = _without_options(chart_args[1:], "--settings", "--metrics-port")
+        assert "--leader-elect" in args
+        op = OperatorProcess(as_pod, None, log_dir=tmp_path / "operator", settings=settings, args=args)
         with op:
             # The run references Secrets (teacher API key, S3 credentials) that only its pods read.
             cluster.kubectl("-n", work, "create", "secret", "generic", "teacher-key", "--from-literal=api-key=sk-0")
@@ -458,6 +527,8 @@ def test_the_operator_runs_a_distillation_with_the_chart_rbac_and_settings(
                             ["items"]) == 1,
                 timeout=30, what="the v1 fetch ConfigMap pruned",
             )  # fmt: skip
+        lease = cluster.kubectl_json("-n", namespace, "get", "lease", f"{release.name}-kubedistill")
+        assert lease["spec"]["leaseTransitions"] >= 0  # the operator took the chart's Lease with the chart's RBAC
         log = op.log()
         for refused in ("403", "Forbidden", "forbidden", "Not enough permissions"):
             assert refused not in log, f"{refused!r} in the operator log:\n{op.tail(80)}"

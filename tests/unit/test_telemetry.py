@@ -141,3 +141,24 @@ def test_json_logs_are_one_object_per_line():
     doc = json.loads(JsonFormatter().format(record))
     assert doc["level"] == "WARNING" and doc["logger"] == "kubedistill.runtime"
     assert doc["message"] == "reconcile of x failed" and doc["time"].endswith("Z")
+
+
+def test_the_chart_dashboard_queries_only_metrics_the_operator_exports():
+    import re
+    from pathlib import Path
+
+    dashboard = json.loads(
+        (Path(__file__).resolve().parents[2] / "charts/kubedistill/dashboards/kubedistill.json").read_text()
+    )
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    used = {m for e in exprs for m in re.findall(r"kubedistill_[a-z_]+", e)}
+    metrics = OperatorMetrics()
+    metrics.observe_stage(StageFinished("generate", StagePhase.SUCCEEDED, 1.0, None))
+    metrics.observe_reconcile("DistillationJob", 0.1)
+    metrics.observe_error("DistillationJob")
+    metrics.quality_gate.labels("passed").inc()
+    metrics.teacher_tokens.labels("prompt").inc()
+    exported = {
+        sample.name for family in text_string_to_metric_families(metrics.render().decode()) for sample in family.samples
+    }
+    assert used and used <= exported, f"not exported: {sorted(used - exported)}"

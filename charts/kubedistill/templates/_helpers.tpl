@@ -78,19 +78,21 @@ a create: every kind the operator applies needs both create and patch.
 - apiGroups: ["kubedistill.io"]
   resources: ["distillationjobs/finalizers", "distilledmodels/finalizers"]
   verbs: ["update"]
-# Stage Jobs: created, watched (label-filtered), deleted when a spec edit supersedes them.
+# Stage Jobs: created, watched (label-filtered), deleted when a spec edit supersedes them or
+# their run falls out of the history (settings.jobs.historyLimit).
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["list", "watch", "create", "delete"]
 # The worker config of each stage (create) and of each served model version (apply), listed to
-# prune the fetch configs of old model versions.
+# prune the fetch configs of old model versions; deleted with their Job beyond the history.
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["list", "create", "patch", "delete"]
-# The rendezvous Service of multi-node training (create) and a model's Service (apply).
+# The rendezvous Service of multi-node training (create; deleted with its Job beyond the
+# history) and a model's Service (apply).
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["create", "patch"]
+  verbs: ["create", "patch", "delete"]
 # A failed stage's pods hold the worker's termination message.
 - apiGroups: [""]
   resources: ["pods"]
