@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -107,3 +108,60 @@ def test_spec_edit_reuses_paid_stages_and_the_gate_refuses_a_weak_student(demo, 
     assert "gate      FAILED" in output
     assert "QualityGateFailed: teacher agreement" in output
     assert "serve" not in output.split("gate")[-1]  # a student below the gate is never served
+
+
+def _serving_pids(port: int) -> list[int]:
+    """Processes whose command line serves on ``port`` (the vLLM server local mode started)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and b"vllm.entrypoints.openai.api_server" in b" ".join(argv) and str(port).encode() in argv:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_sigterm_while_serving_leaves_no_process_behind(demo, home):
+    """A process manager, `timeout` or a CI runner signals local mode alone, not its process group."""
+    port = free_port()
+    log_path = home / "sigterm.out"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            kubedistill(home, "run", str(DEMO_MANIFEST), "--port", str(port)),
+            cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,  # its own group: the signal below reaches the parent only
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 600
+            while "serve     ready" not in log_path.read_text():
+                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+                time.sleep(1)
+            servers = _serving_pids(port)
+            assert servers and _port_open(port)
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    output = log_path.read_text()
+    assert code == 128 + signal.SIGTERM, output
+    assert "stopped by SIGTERM" in output
+    assert "generate  reused" in output and "train     reused" in output  # nothing was paid for twice
+    deadline = time.monotonic() + 30
+    while (_serving_pids(port) or _port_open(port)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _serving_pids(port), "the vLLM server outlived local mode"
+    assert not _port_open(port), f"something still answers on port {port}"
