@@ -50,6 +50,7 @@ class Runtime:
         self.job_phases: Mapping[Any, Iterable[Any]] | None = None
         self.model_phases: Mapping[Any, Iterable[Any]] | None = None
         self.models_following: Mapping[Any, Iterable[str]] = {}
+        self.pool_members: Mapping[Any, Iterable[str]] = {}
         self.job_phase_seen: dict[str, str] = {}
         self._locks: weakref.WeakValueDictionary[Key, asyncio.Lock] = weakref.WeakValueDictionary()
         self._queued: set[Key] = set()
