@@ -15,7 +15,10 @@ What triggers a reconcile of a DistillationJob:
   resource, and a finalizer would make deleting a job wait for the operator).
 
 DistilledModels likewise: create / update / resume, events on their Deployment, the
-success of the DistillationJob they follow (``fromJob``), and the same resync.
+success of the DistillationJob they follow (``fromJob``), and the same resync. An adapter
+pool also follows its members (a DistilledModel naming it in ``spec.pool`` that comes, changes
+or goes rewrites the pool's adapter set) and its pods (their sidecars report what they loaded:
+the pool and each member recount who serves what).
 
 kopf's own bookkeeping stays out of our status: progress and the diff base go to
 ``kubedistill.io/*`` annotations, kopf posts Events only for warnings and errors, and no
@@ -46,6 +49,7 @@ log = logging.getLogger("kubedistill.handlers")
 DJ = (GROUP, VERSION, "distillationjobs")
 DM = (GROUP, VERSION, "distilledmodels")
 MANAGED = {names.LABEL_MANAGED_BY: names.MANAGED_BY}
+SERVING_PODS = {**MANAGED, names.LABEL_COMPONENT: names.SERVING_COMPONENT}
 ACTIVE_PHASES = frozenset({None, "Pending", "Generating", "Training", "Evaluating", "Publishing"})
 ACTIVE_MODEL_PHASES = frozenset({None, "Pending", "Deploying", "Degraded"})
 HEARTBEAT_SECONDS = 5.0
@@ -62,6 +66,7 @@ def configure_kopf(settings: kopf.OperatorSettings, ours: OperatorSettings) -> N
     settings.posting.reporting_component = "kubedistill-operator"
     settings.watching.label_selectors["batch", "jobs"] = f"{names.LABEL_MANAGED_BY}={names.MANAGED_BY}"
     settings.watching.label_selectors["apps", "deployments"] = f"{names.LABEL_MANAGED_BY}={names.MANAGED_BY}"
+    settings.watching.label_selectors["pods"] = ",".join(f"{k}={v}" for k, v in SERVING_PODS.items())
     settings.watching.server_timeout = 270
     settings.watching.client_timeout = 300
     settings.execution.max_workers = max(4, ours.reconcile.api_threads)
@@ -160,6 +165,11 @@ def register(
         source = (spec.get("fromJob") or {}).get("name")
         return {(namespace, source): name} if source else None
 
+    @kopf.index(*DM, id="pool_members", registry=registry)
+    def pool_members(*, namespace: str | None, name: str, spec: Mapping[str, Any], **_: Any) -> Any:
+        pool = (spec.get("pool") or {}).get("name")
+        return {(namespace, pool): name} if pool else None
+
     @kopf.index("batch", "v1", "jobs", labels=MANAGED, id="stage_jobs", registry=registry)
     def stage_jobs(*, namespace: str | None, labels: Mapping[str, str], body: Any, **_: Any) -> Any:
         job = labels.get(names.LABEL_JOB)
@@ -171,6 +181,7 @@ def register(
         runtime.job_phases = kwargs["distillation_job_phases"]
         runtime.model_phases = kwargs["distilled_model_phases"]
         runtime.models_following = kwargs["models_following"]
+        runtime.pool_members = kwargs["pool_members"]
         return runtime
 
     # ------------------------------------------------------------------ DistillationJob
@@ -227,5 +238,25 @@ def register(
         model = labels.get(names.LABEL_MODEL)
         if model:
             bind(memo, kwargs).kick_model(namespace or "", model)
+
+    @kopf.on.event(*DM, id="pool_member_event", registry=registry)
+    async def pool_member_event(*, namespace: str | None, spec: Mapping[str, Any], memo: Any, **kwargs: Any) -> None:
+        # Any change of a member (deletion included: no finalizer needed) rewrites its pool's adapter set.
+        pool = ((spec or {}).get("pool") or {}).get("name")
+        if pool:
+            bind(memo, kwargs).kick_model(namespace or "", pool)
+
+    @kopf.on.event("", "v1", "pods", labels=SERVING_PODS, id="serving_pod_event", registry=registry)
+    async def serving_pod_event(*, namespace: str | None, labels: Mapping[str, str], memo: Any, **kwargs: Any) -> None:
+        model = labels.get(names.LABEL_MODEL)
+        if not model:
+            return
+        runtime = bind(memo, kwargs)
+        members = list(runtime.pool_members.get((namespace, model), ()))
+        if not members:
+            return  # a plain model follows its Deployment; only pools count per-pod reports
+        runtime.kick_model(namespace or "", model)
+        for member in members:
+            runtime.kick_model(namespace or "", member)
 
     return registry

@@ -56,6 +56,7 @@ class Runtime:
         self.job_phases: Mapping[Any, Iterable[Any]] | None = None
         self.model_phases: Mapping[Any, Iterable[Any]] | None = None
         self.models_following: Mapping[Any, Iterable[str]] = {}
+        self.pool_members: Mapping[Any, Iterable[str]] = {}
         self.job_phase_seen: dict[str, str] = {}
         self._locks: weakref.WeakValueDictionary[Key, asyncio.Lock] = weakref.WeakValueDictionary()
         self._queued: dict[Key, set[Priority]] = {}

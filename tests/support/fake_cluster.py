@@ -64,6 +64,7 @@ class FakeCluster:
     latency: float = 0.0
     objects: dict[Key, dict[str, Any]] = field(default_factory=dict)
     calls: list[Request] = field(default_factory=list)
+    served: dict[str, frozenset[str]] = field(default_factory=dict)  # api_version -> kinds that discover() finds
     events: list[tuple[str, str, str, str]] = field(default_factory=list)  # (object name, type, reason, message)
     _uids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -169,6 +170,10 @@ class FakeCluster:
         found = self.objects.get((api_version, kind, namespace, name))
         if found is not None:
             _merge(found.setdefault("status", {}), patch)
+
+    async def discover(self, api_version: str) -> frozenset[str] | None:
+        await self._request("discover", api_version, "")
+        return self.served.get(api_version)
 
     async def post_event(self, regarding: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         await self._request("event", "Event", reason)

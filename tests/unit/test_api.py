@@ -202,7 +202,7 @@ def test_phases_and_condition_sets() -> None:
     ]
     assert JobPhase.SUCCEEDED.terminal and JobPhase.FAILED.terminal and not JobPhase.TRAINING.terminal
     assert set(c.STAGE_CONDITIONS.values()) <= set(c.JOB_CONDITION_TYPES)
-    assert set(c.MODEL_CONDITION_TYPES) == {"Ready", "Progressing", "Degraded"}
+    assert set(c.MODEL_CONDITION_TYPES) == {"Ready", "Progressing", "Degraded", "Autoscaling", "Monitoring", "Routing"}
     reasons = [v for k, v in vars(Reason).items() if k.isupper()]
     assert len(reasons) == len(set(reasons))
     assert all(r[0].isupper() and r.isalnum() for r in reasons)

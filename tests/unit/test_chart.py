@@ -248,12 +248,18 @@ def test_operator_rules_are_least_privilege() -> None:
         assert "escalate" not in rule["verbs"] and "bind" not in rule["verbs"] and "impersonate" not in rule["verbs"]
     assert not _allowed(rules, "", "secrets"), "the operator references Secrets, never reads them"
     assert not _allowed(rules, "", "namespaces")
-    assert _allowed(rules, "", "pods") == {"list"}
+    assert _allowed(rules, "", "pods") == {"get", "list", "watch"}  # read only: adapter pools' reports
+    assert _allowed(rules, "", "pods/status") == {"patch"}  # held so that the sidecar's Role may grant it
     assert "update" not in _allowed(rules, "kubedistill.io", "distillationjobs")
     # Server-side apply creates what does not exist: every applied kind needs create and patch.
     for group, plural in [("apps", "deployments"), ("", "services"), ("policy", "poddisruptionbudgets"),
                           ("autoscaling", "horizontalpodautoscalers"), ("", "configmaps"),
-                          ("kubedistill.io", "distilledmodels")]:  # fmt: skip
+                          ("kubedistill.io", "distilledmodels"), ("keda.sh", "scaledobjects"),
+                          ("monitoring.coreos.com", "podmonitors"), ("monitoring.coreos.com", "servicemonitors"),
+                          ("inference.networking.k8s.io", "inferencepools"), ("", "serviceaccounts"),
+                          ("inference.networking.x-k8s.io", "inferenceobjectives"),
+                          ("rbac.authorization.k8s.io", "roles"),
+                          ("rbac.authorization.k8s.io", "rolebindings")]:  # fmt: skip
         assert {"create", "patch"} <= _allowed(rules, group, plural), plural
 
 

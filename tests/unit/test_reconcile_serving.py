@@ -166,10 +166,13 @@ def test_switching_autoscaling_off_deletes_the_hpa() -> None:
 
     observed = deployment()
     observed["metadata"]["annotations"] = {names.ANNOTATION_AUTOSCALED: "true"}
-    off = compute_model_decision(dm(model={"uri": URI}), SETTINGS, ModelObservations(deployment=observed), NOW)
-    assert off.delete == [("autoscaling/v2", "HorizontalPodAutoscaler", names.model_hpa_name("faq"))]
+    hpa = ("autoscaling/v2", "HorizontalPodAutoscaler", names.model_hpa_name("faq"))
+    off = compute_model_decision(
+        dm(model={"uri": URI}), SETTINGS, ModelObservations(deployment=observed, optional_children=(hpa,)), NOW
+    )
+    assert off.delete == [hpa]
     deployment_off = next(x for x in off.apply if x["kind"] == "Deployment")
     assert "annotations" not in deployment_off["metadata"] and deployment_off["spec"]["replicas"] == 1
-    # Never autoscaled: nothing to delete, no extra API call.
+    # Never autoscaled: nothing to delete.
     never = compute_model_decision(dm(), SETTINGS, ModelObservations(deployment=deployment()), NOW)
     assert never.delete == []

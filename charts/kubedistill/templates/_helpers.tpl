@@ -93,10 +93,23 @@ a create: every kind the operator applies needs both create and patch.
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["create", "patch", "delete"]
-# A failed stage's pods hold the worker's termination message.
+# A failed stage's pods hold the worker's termination message; an adapter pool's pods report
+# what their sidecar loaded (watched, label-filtered).
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list"]
+  verbs: ["get", "list", "watch"]
+# The adapter sidecar's Role grants patching pod status conditions: Kubernetes lets the operator
+# grant only what it holds itself.
+- apiGroups: [""]
+  resources: ["pods/status"]
+  verbs: ["patch"]
+# An adapter pool's sidecars: their ServiceAccount, Role and RoleBinding (applied).
+- apiGroups: [""]
+  resources: ["serviceaccounts"]
+  verbs: ["create", "patch"]
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["roles", "rolebindings"]
+  verbs: ["create", "patch"]
 # Events on DistillationJobs and DistilledModels (the operator's and kopf's, core/v1).
 - apiGroups: [""]
   resources: ["events"]
@@ -111,7 +124,22 @@ a create: every kind the operator applies needs both create and patch.
   verbs: ["create", "patch"]
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
-  verbs: ["create", "patch", "delete"]
+  verbs: ["list", "create", "patch", "delete"]
+# Integrations, written where their CRDs are installed, listed and deleted when no longer wanted:
+# KEDA ScaledObjects (autoscaling on vLLM's queue), Prometheus Operator monitors (settings.serving.
+# monitor), Gateway API Inference Extension pools and objectives (a model's spec.routing).
+- apiGroups: ["keda.sh"]
+  resources: ["scaledobjects"]
+  verbs: ["list", "create", "patch", "delete"]
+- apiGroups: ["monitoring.coreos.com"]
+  resources: ["podmonitors", "servicemonitors"]
+  verbs: ["list", "create", "patch", "delete"]
+- apiGroups: ["inference.networking.k8s.io"]
+  resources: ["inferencepools"]
+  verbs: ["list", "create", "patch", "delete"]
+- apiGroups: ["inference.networking.x-k8s.io"]
+  resources: ["inferenceobjectives"]
+  verbs: ["list", "create", "patch", "delete"]
 {{- end }}
 
 {{/*

@@ -26,9 +26,13 @@ DistillationJob conditions
     run (reason SpecChanged on the stage conditions that reset).
 
 DistilledModel conditions
-    Ready (the endpoint answers: every desired replica is available),
+    Ready (the endpoint answers: every desired replica is available; for an adapter
+    in a pool: every ready replica of the pool serves its current version),
     Progressing (a rollout is under way), Degraded (fewer available replicas
-    than desired, or the source cannot be resolved).
+    than desired, or the source cannot be resolved). Where the model asks for them:
+    Autoscaling (an HPA or KEDA ScaledObject runs, or AutoscalerUnavailable says what
+    is missing), Monitoring (a PodMonitor/ServiceMonitor exists, or CRDMissing), Routing
+    (an InferencePool/InferenceObjective exists, or CRDMissing).
 
 Conditions follow metav1.Condition: ``lastTransitionTime`` changes only when
 ``status`` flips (see :func:`set_condition`).
@@ -107,7 +111,10 @@ PROGRESSING: Final = "Progressing"
 DEGRADED: Final = "Degraded"
 
 JOB_CONDITION_TYPES: Final = (GENERATED, TRAINED, EVALUATED, PUBLISHED, SUCCEEDED, FAILED)
-MODEL_CONDITION_TYPES: Final = (READY, PROGRESSING, DEGRADED)
+AUTOSCALING: Final = "Autoscaling"
+MONITORING: Final = "Monitoring"
+ROUTING: Final = "Routing"
+MODEL_CONDITION_TYPES: Final = (READY, PROGRESSING, DEGRADED, AUTOSCALING, MONITORING, ROUTING)
 
 # The stage condition each worker stage sets when it succeeds.
 STAGE_CONDITIONS: Final = {"generate": GENERATED, "train": TRAINED, "evaluate": EVALUATED}
@@ -156,6 +163,16 @@ class Reason:
     REPLICAS_AVAILABLE: Final = "ReplicasAvailable"
     REPLICAS_UNAVAILABLE: Final = "ReplicasUnavailable"
     SCALED_TO_ZERO: Final = "ScaledToZero"
+    AUTOSCALER_CONFIGURED: Final = "AutoscalerConfigured"  # an HPA or ScaledObject scales the Deployment
+    AUTOSCALER_UNAVAILABLE: Final = "AutoscalerUnavailable"  # neither KEDA nor a custom metrics API is installed
+    CRD_MISSING: Final = "CRDMissing"  # the integration's CRD is not installed: the message names it
+    MONITOR_CONFIGURED: Final = "MonitorConfigured"
+    ROUTING_CONFIGURED: Final = "RoutingConfigured"
+    # an adapter in a pool
+    POOL_NOT_FOUND: Final = "PoolNotFound"  # spec.pool names no DistilledModel
+    NOT_AN_ADAPTER_POOL: Final = "NotAnAdapterPool"  # the pool's DistilledModel has no serving.adapters
+    ADAPTER_LOADING: Final = "AdapterLoading"  # some ready replicas of the pool do not serve this version yet
+    ADAPTER_SERVED: Final = "AdapterServed"  # every ready replica of the pool serves this version
 
 
 # --------------------------------------------------------------------------- helpers

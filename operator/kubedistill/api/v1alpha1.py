@@ -442,28 +442,101 @@ class VLLMServingSpec(ApiModel):
     env: list[EnvVar] = Field(default_factory=list, description="Extra environment variables of the vLLM container.")
 
 
+_MIN_ZERO_NEEDS_WAKE = (
+    "autoscaling.minReplicas 0 needs metric queue and a wakeQuery: vLLM's own metrics vanish with its last "
+    "replica, so a signal from in front of the pods must say that requests are waiting"
+)
+_TARGETS_NEED_QUEUE = "autoscaling.targetWaitingRequests and targetRunningRequests apply to metric queue only"
+
+
 class AutoscalingSpec(ApiModel):
-    """Horizontal autoscaling of the vLLM Deployment."""
+    """Horizontal autoscaling of the vLLM Deployment: on vLLM's request queue (KEDA or an HPA on the
+    Prometheus adapter's metrics) or on CPU utilisation (an HPA)."""
 
     model_config = ApiModel.model_config | {
         "json_schema_extra": {
             "x-kubernetes-validations": [
-                cel("self.minReplicas <= self.maxReplicas", "autoscaling.minReplicas must not exceed maxReplicas")
+                cel("self.minReplicas <= self.maxReplicas", "autoscaling.minReplicas must not exceed maxReplicas"),
+                cel(
+                    "self.minReplicas >= 1 || (has(self.metric) && self.metric == 'queue' && has(self.wakeQuery))",
+                    _MIN_ZERO_NEEDS_WAKE,
+                    ".minReplicas",
+                ),
+                cel(
+                    "(has(self.metric) && self.metric == 'queue') || "
+                    "(!has(self.targetWaitingRequests) && !has(self.targetRunningRequests))",
+                    _TARGETS_NEED_QUEUE,
+                ),
             ]
         }
     }
 
-    min_replicas: int = Field(default=1, ge=1, le=1000, description="Fewest replicas.")
+    min_replicas: int = Field(
+        default=1,
+        ge=0,
+        le=1000,
+        description="Fewest replicas. 0 (scale to zero) needs metric queue, a wakeQuery and KEDA.",
+    )
     max_replicas: int = Field(default=4, ge=1, le=1000, description="Most replicas.")
+    metric: Literal["cpu", "queue"] = Field(
+        default="cpu",
+        description="queue: vLLM's waiting (and/or running) requests per replica, through KEDA's ScaledObject when "
+        "KEDA is installed, else an HPA on the Prometheus adapter's pod metrics; cpu: an HPA on CPU utilisation.",
+    )
     target_cpu_utilization: int = Field(
-        default=70, ge=1, le=100, description="Average CPU utilisation target, percent."
+        default=70, ge=1, le=100, description="Average CPU utilisation target, percent (metric cpu)."
+    )
+    target_waiting_requests: float | None = Field(
+        default=None,
+        gt=0,
+        le=100000,
+        description="Target of vllm:num_requests_waiting per replica (metric queue; 4 when neither target is set).",
+    )
+    target_running_requests: float | None = Field(
+        default=None,
+        gt=0,
+        le=100000,
+        description="Target of vllm:num_requests_running per replica (metric queue).",
+    )
+    wake_query: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4096,
+        description="PromQL that is above 0 while requests wait for a model scaled to zero (e.g. the gateway's "
+        "request rate for it); KEDA activates the first replica on it. Needed for minReplicas 0.",
     )
 
     @model_validator(mode="after")
-    def _min_le_max(self) -> AutoscalingSpec:
+    def _consistent(self) -> AutoscalingSpec:
         if self.min_replicas > self.max_replicas:
             raise ValueError("autoscaling.minReplicas must not exceed maxReplicas")
+        if self.min_replicas == 0 and (self.metric != "queue" or self.wake_query is None):
+            raise ValueError(_MIN_ZERO_NEEDS_WAKE)
+        queue_targets = self.target_waiting_requests is not None or self.target_running_requests is not None
+        if queue_targets and self.metric != "queue":
+            raise ValueError(_TARGETS_NEED_QUEUE)
         return self
+
+    def queue_targets(self) -> dict[str, float]:
+        """vLLM metric name -> target per replica (metric queue)."""
+        targets: dict[str, float] = {}
+        if self.target_waiting_requests is not None:
+            targets["vllm:num_requests_waiting"] = self.target_waiting_requests
+        if self.target_running_requests is not None:
+            targets["vllm:num_requests_running"] = self.target_running_requests
+        return targets or {"vllm:num_requests_waiting": 4.0}
+
+
+class AdapterPoolSpec(ApiModel):
+    """This model's replicas host LoRA adapters: every DistilledModel whose spec.pool names it is loaded
+    into each replica at runtime (vLLM runtime LoRA loading, driven by a sidecar per pod)."""
+
+    max_adapters: int = Field(
+        default=8, ge=1, le=256, description="Adapters one replica holds at once on the GPU (vLLM --max-loras)."
+    )
+    max_rank: Literal[8, 16, 32, 64, 128, 256, 320, 512] = Field(
+        default=16, description="Largest LoRA rank of an adapter of the pool (vLLM --max-lora-rank)."
+    )
 
 
 class ServingSpec(ApiModel):
@@ -480,13 +553,71 @@ class ServingSpec(ApiModel):
     )
     resources: ComputeResources | None = Field(default=None, description="CPU and memory per replica.")
     vllm: VLLMServingSpec = Field(default_factory=VLLMServingSpec, description="vLLM settings.")
+    weights: Literal["fetch", "stream"] = Field(
+        default="fetch",
+        description="fetch: an init container copies the model from the object store and verifies its digest "
+        "before vLLM starts; stream: vLLM streams the safetensors straight from the object store "
+        "(--load-format runai_streamer; the vLLM image needs runai-model-streamer[s3]; no digest check in the pod).",
+    )
+    adapters: AdapterPoolSpec | None = Field(
+        default=None,
+        description="Host the LoRA adapters of other DistilledModels (their spec.pool names this one).",
+    )
 
 
 # --------------------------------------------------------------------------- output, storage, resources
 
 
+class PoolReference(ApiModel):
+    """A DistilledModel in the same namespace whose replicas host adapters (its serving.adapters is set)."""
+
+    name: str = Field(
+        min_length=1, max_length=53, pattern=DNS1035_LABEL_PATTERN, description="Name of the pool's DistilledModel."
+    )
+
+
+class EndpointPickerReference(ApiModel):
+    """The endpoint picker (EPP) Service the gateway asks which replica takes a request."""
+
+    name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=253,
+        description="Service of the endpoint picker; <model>-epp when unset (the inference extension's chart "
+        "names it so).",
+    )
+    port: int = Field(default=9002, ge=1, le=65535, description="Its gRPC ext-proc port.")
+    failure_mode: Literal["FailOpen", "FailClose"] = Field(
+        default="FailClose", description="What the gateway does when the picker does not answer."
+    )
+
+
+class RoutingSpec(ApiModel):
+    """Inference-aware routing (opt-in): with the Gateway API Inference Extension's CRDs installed, an
+    InferencePool per Deployment and an InferenceObjective per served model, so that a gateway picks
+    replicas by queue depth, LoRA affinity and prefix cache."""
+
+    priority: int | None = Field(
+        default=None,
+        ge=-1000,
+        le=1000,
+        description="InferenceObjective priority of this model's requests (higher first when the pool is saturated).",
+    )
+    endpoint_picker: EndpointPickerReference | None = Field(
+        default=None, description="Endpoint picker of the InferencePool (a model with its own Deployment only)."
+    )
+
+
 class ModelOutputSpec(ApiModel):
     """The DistilledModel a successful run publishes."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                cel("!has(self.pool) || !has(self.serving)", "output.model: set serving or pool, not both")
+            ]
+        }
+    }
 
     name: str = Field(
         min_length=1,
@@ -497,6 +628,12 @@ class ModelOutputSpec(ApiModel):
     )
     serve: bool = Field(default=True, description="Create/update the DistilledModel (and so serve it) on success.")
     serving: ServingSpec | None = Field(default=None, description="Serving settings copied into the DistilledModel.")
+    pool: PoolReference | None = Field(
+        default=None,
+        description="Publish the adapter into this pool (a DistilledModel with serving.adapters) instead of a "
+        "Deployment of its own; needs student.export adapter.",
+    )
+    routing: RoutingSpec | None = Field(default=None, description="Routing settings copied into the DistilledModel.")
 
 
 class OutputSpec(ApiModel):
@@ -579,8 +716,22 @@ class ResourcesSpec(ApiModel):
 # --------------------------------------------------------------------------- DistillationJob
 
 
+_POOL_NEEDS_ADAPTER = "output.model.pool needs student.export adapter (a pool serves LoRA adapters of its base)"
+
+
 class DistillationJobSpec(ApiModel):
     """A distillation run: teacher data, student training, evaluation gate, publication."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.output.model.pool) || (has(self.student.export) && self.student.export == 'adapter')",
+                    _POOL_NEEDS_ADAPTER,
+                )
+            ]
+        }
+    }
 
     teacher: TeacherSpec = Field(description="The large model whose answers the student learns.")
     dataset: DatasetSpec = Field(description="The prompts, and the held-out split.")
@@ -591,6 +742,15 @@ class DistillationJobSpec(ApiModel):
     )
     output: OutputSpec = Field(description="Artifact location and the model to publish.")
     storage: StorageSpec = Field(default_factory=StorageSpec, description="The object store of s3:// URIs.")
+
+    @model_validator(mode="after")
+    def _pool_needs_adapter(self) -> DistillationJobSpec:
+        output = self.output.model
+        if output.pool is not None and output.serving is not None:
+            raise ValueError("output.model: set serving or pool, not both")
+        if output.pool is not None and self.student.export != "adapter":
+            raise ValueError(_POOL_NEEDS_ADAPTER)
+        return self
 
 
 # --------------------------------------------------------------------------- shared status and objects
@@ -829,6 +989,37 @@ class JobReference(ApiModel):
     )
 
 
+_POOL_OWNS_SERVING = (
+    "spec.serving belongs on the pool's DistilledModel: an adapter (spec.pool) runs in the pool's replicas; "
+    "leave spec.serving unset"
+)
+
+
+def _at_defaults(path: str, model: type[ApiModel]) -> str:
+    """CEL that holds when the object at ``path`` has only the defaults of ``model`` (as the API server fills them)."""
+    terms: list[str] = []
+    for name, info in model.model_fields.items():
+        field = f"{path}.{info.alias or name}"
+        factory = info.default_factory
+        if factory is not None:
+            value = factory()  # type: ignore[call-arg]
+            if isinstance(value, ApiModel):
+                terms.append(_at_defaults(field, type(value)))
+            else:
+                terms.append(f"{field}.size() == 0")
+        elif info.default is None:
+            terms.append(f"!has({field})")
+        elif isinstance(info.default, str):
+            terms.append(f"{field} == '{info.default}'")
+        else:
+            terms.append(f"{field} == {info.default}")
+    return "(" + " && ".join(terms) + ")"
+
+
+_POOL_OWNS_PICKER = "spec.routing.endpointPicker belongs on the pool's DistilledModel: an adapter uses its pool's"
+_POOL_NEEDS_NO_BASE = "spec.baseModel is the pool's model for an adapter (spec.pool): leave it unset"
+
+
 class DistilledModelSpec(ApiModel):
     """A model served with vLLM: an exported model URI, or the output of a DistillationJob."""
 
@@ -838,7 +1029,14 @@ class DistilledModelSpec(ApiModel):
                 cel(
                     "has(self.model) != has(self.fromJob)",
                     "set exactly one of spec.model (an s3:// model URI) or spec.fromJob (a DistillationJob's output)",
-                )
+                ),
+                # The API server fills in serving's defaults, so "unset" reads "at its defaults".
+                cel("!has(self.pool) || " + _at_defaults("self.serving", ServingSpec), _POOL_OWNS_SERVING),
+                cel(
+                    "!has(self.pool) || !has(self.routing) || !has(self.routing.endpointPicker)",
+                    _POOL_OWNS_PICKER,
+                ),
+                cel("!has(self.pool) || !has(self.baseModel)", _POOL_NEEDS_NO_BASE),
             ]
         }
     }
@@ -854,7 +1052,21 @@ class DistilledModelSpec(ApiModel):
         description="Base model the artifact is a LoRA adapter of (s3:// prefix, pvc:// path or hub id); "
         "unset when the artifact holds merged weights.",
     )
-    serving: ServingSpec = Field(default_factory=ServingSpec, description="Replicas, placement and vLLM settings.")
+    serving: ServingSpec = Field(
+        default_factory=ServingSpec,
+        description="Replicas, placement and vLLM settings of the model's own Deployment (an adapter in a pool "
+        "leaves it at its defaults: the pool's serving applies).",
+    )
+    pool: PoolReference | None = Field(
+        default=None,
+        description="Serve this LoRA adapter in the replicas of another DistilledModel (its serving.adapters "
+        "is set) instead of a Deployment of its own: loaded into every replica at runtime, unloaded when this "
+        "model goes, promoted in place when its model changes.",
+    )
+    routing: RoutingSpec | None = Field(
+        default=None,
+        description="Inference-aware routing through the Gateway API Inference Extension (opt-in).",
+    )
     served_model_name: str | None = Field(
         default=None,
         min_length=1,
@@ -873,7 +1085,24 @@ class DistilledModelSpec(ApiModel):
             raise ValueError(
                 "set exactly one of spec.model (an s3:// model URI) or spec.fromJob (a DistillationJob's output)"
             )
+        if self.pool is not None:
+            if self.serving != ServingSpec():
+                raise ValueError(_POOL_OWNS_SERVING)
+            if self.routing is not None and self.routing.endpoint_picker is not None:
+                raise ValueError(_POOL_OWNS_PICKER)
+            if self.base_model is not None:
+                raise ValueError(_POOL_NEEDS_NO_BASE)
         return self
+
+
+class AdapterStatus(ApiModel):
+    """One adapter of a pool, as the pool's replicas report it."""
+
+    model_config = ApiModel.model_config | {"extra": "ignore"}
+
+    name: str = Field(description="The adapter's DistilledModel (and served model name).")
+    uri: str = Field(description="s3:// prefix of the adapter version the pool should serve.")
+    ready_replicas: int = Field(ge=0, description="Ready replicas that serve this version.")
 
 
 class DistilledModelStatus(ApiModel):
@@ -901,6 +1130,10 @@ class DistilledModelStatus(ApiModel):
         default=None, description="Label selector of the serving pods, as a string (scale subresource, HPA)."
     )
     current_model: ModelArtifact | None = Field(default=None, description="The model the ready pods serve.")
+    pool: str | None = Field(default=None, description="The pool whose replicas serve this adapter.")
+    adapters: list[AdapterStatus] | None = Field(
+        default=None, max_length=256, description="A pool's adapters and how many ready replicas serve each."
+    )
 
 
 class DistilledModel(ApiModel):

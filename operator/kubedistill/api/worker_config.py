@@ -124,6 +124,22 @@ class FetchConfig(ApiModel):
     storage: StorageSettings = Field(default_factory=StorageSettings)
 
 
+class AdapterEntry(ApiModel):
+    """One LoRA adapter every replica of a pool loads, at one version (its revision)."""
+
+    name: str = Field(min_length=1, description="Served model name of the adapter (its DistilledModel).")
+    uri: str = Field(min_length=1, description="s3:// prefix of the exported adapter.")
+    digest: str | None = Field(default=None, description="Expected digest; the sidecar refuses another.")
+    revision: str = Field(min_length=1, description="Identifies this version: a change reloads the adapter in place.")
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+
+
+class AdapterSet(ApiModel):
+    """adapter-sync: what a pool's replicas load (the pool's adapters ConfigMap, updated in place)."""
+
+    adapters: list[AdapterEntry] = Field(default_factory=list)
+
+
 # --------------------------------------------------------------------------- results
 # Each stage's success summary: the worker writes it as one JSON line to
 # /dev/termination-log (and returns it from main); the operator parses it with

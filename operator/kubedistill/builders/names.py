@@ -20,8 +20,11 @@ the training settings gives the train stage a new key, hence a new Job, while th
 generate stage keeps its key, its Job and its dataset.
 
 DistilledModel ``<m>`` (at most 53 characters): Deployment ``<m>-vllm``, Service ``<m>``
-(the endpoint ``http://<m>.<ns>.svc:8000/v1``), PodDisruptionBudget and
-HorizontalPodAutoscaler ``<m>-vllm``, fetch config ConfigMap ``<m>-fetch-<hash8>``.
+(the endpoint ``http://<m>.<ns>.svc:8000/v1``), PodDisruptionBudget,
+HorizontalPodAutoscaler or ScaledObject, PodMonitor or ServiceMonitor ``<m>-vllm``, fetch
+config ConfigMap ``<m>-fetch-<hash8>``, InferencePool and InferenceObjective ``<m>``. An adapter
+pool ``<p>`` also has the adapters ConfigMap ``<p>-adapters`` (what every replica loads) and the
+sidecar's ServiceAccount, Role and RoleBinding ``<p>-adapter-sync``.
 
 Every object carries the ``app.kubernetes.io/*`` labels plus ``kubedistill.io/job`` (the
 DistillationJob), ``kubedistill.io/stage``, ``kubedistill.io/run`` and
@@ -57,12 +60,18 @@ ANNOTATION_MODEL_DIGEST: Final = "kubedistill.io/model-digest"
 # annotation on the observed Deployment is how the next reconcile knows an HPA is left to delete.
 ANNOTATION_AUTOSCALED: Final = "kubedistill.io/autoscaled"
 
+# On a pool's pods: what the adapter sidecar has loaded, {adapter: revision} as JSON in the message.
+CONDITION_ADAPTERS: Final = "kubedistill.io/adapters"
+# On a pool's adapters ConfigMap: what each adapter entry was built from.
+ADAPTERS_KEY: Final = "adapters.yaml"
+
 APP: Final = "kubedistill"
 MANAGED_BY: Final = "kubedistill"
 SERVING_COMPONENT: Final = "serving"
 WORKER_CONTAINER: Final = "worker"
 VLLM_CONTAINER: Final = "vllm"
 FETCH_CONTAINER: Final = "fetch"
+ADAPTER_SYNC_CONTAINER: Final = "adapter-sync"
 
 # An Indexed Job's pods are called <job>-<index> (their hostname, a DNS label of at most 63
 # characters); with up to 1024 nodes the index takes 4 digits and a dash.
@@ -163,6 +172,33 @@ def model_pdb_name(model: str) -> str:
 
 def model_hpa_name(model: str) -> str:
     return model_deployment_name(model)
+
+
+def model_autoscaler_name(model: str) -> str:
+    """The HPA or KEDA ScaledObject (never both) of a served model."""
+    return model_deployment_name(model)
+
+
+def model_monitor_name(model: str) -> str:
+    return model_deployment_name(model)
+
+
+def inference_pool_name(model: str) -> str:
+    return model
+
+
+def inference_objective_name(model: str) -> str:
+    return model
+
+
+def pool_adapters_config_name(pool: str) -> str:
+    """What every replica of adapter pool ``pool`` loads: one ConfigMap, updated in place."""
+    return fit(pool, "adapters", 63)
+
+
+def adapter_sync_name(pool: str) -> str:
+    """ServiceAccount, Role and RoleBinding of a pool's adapter sidecars."""
+    return fit(pool, "adapter-sync", 63)
 
 
 def model_fetch_config_name(model: str, source_hash: str) -> str:

@@ -18,10 +18,14 @@ def build_distilled_model(plan: RunPlan, artifact: ModelArtifact, adapter: bool)
     spec = plan.job.spec
     output = spec.output.model
     model_spec: dict[str, Any] = {"model": artifact.to_wire()}
-    if adapter:
+    if output.pool is not None:
+        model_spec["pool"] = output.pool.to_wire()  # the pool's model is the base
+    elif adapter:
         model_spec["baseModel"] = spec.student.model
     if output.serving is not None:
         model_spec["serving"] = output.serving.to_wire()
+    if output.routing is not None:
+        model_spec["routing"] = output.routing.to_wire()
     model_spec["storage"] = spec.storage.to_wire()
     return {
         "apiVersion": API_VERSION,

@@ -18,7 +18,9 @@ import yaml
 
 from kubedistill.api.v1alpha1 import DistilledModel, ModelArtifact, StorageSpec
 from kubedistill.api.worker_config import CONFIG_DIR, TERMINATION_LOG, FetchConfig, StorageSettings
-from kubedistill.builders import names
+from kubedistill.builders import adapters as pool
+from kubedistill.builders import integrations, names
+from kubedistill.builders.integrations import Capabilities
 from kubedistill.builders.resources import (
     SHM_MOUNT,
     container_security_context,
@@ -86,7 +88,29 @@ class ServingPlan:
 
 
 def _fetches_base(plan: ServingPlan) -> bool:
-    return plan.base_model is not None and plan.base_model.startswith("s3://")
+    return plan.base_model is not None and plan.base_model.startswith("s3://") and not _streams(plan)
+
+
+def _streams(plan: ServingPlan) -> bool:
+    return plan.model.spec.serving.weights == "stream"
+
+
+def _streams_model(plan: ServingPlan) -> bool:
+    """Merged weights are streamed; a LoRA artifact (small) is still fetched, its base streamed."""
+    return _streams(plan) and plan.base_model is None
+
+
+def stream_env(storage: StorageSpec) -> list[dict[str, Any]]:
+    """Where vLLM's runai streamer finds the object store (credentials: storage_env)."""
+    env = [{"name": "AWS_DEFAULT_REGION", "value": storage.region}, {"name": "AWS_REGION", "value": storage.region}]
+    if storage.endpoint:
+        env += [
+            {"name": "AWS_ENDPOINT_URL", "value": storage.endpoint},
+            {"name": "RUNAI_STREAMER_S3_ENDPOINT", "value": storage.endpoint},
+        ]
+    if storage.addressing_style == "path" or (storage.endpoint and storage.addressing_style == "auto"):
+        env.append({"name": "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING", "value": "0"})
+    return env
 
 
 def build_fetch_config_map(plan: ServingPlan, settings: OperatorSettings) -> dict[str, Any]:
@@ -123,11 +147,19 @@ def _vllm_args(plan: ServingPlan, settings: OperatorSettings) -> list[str]:
     args = ["--host", "0.0.0.0", "--port", str(settings.serving.port), "--dtype", vllm.dtype]
     args += ["--gpu-memory-utilization", str(vllm.gpu_memory_utilization)]
     if plan.base_model is None:
-        args += ["--model", local_model, "--served-model-name", plan.served_model_name]
+        model = plan.source.uri if _streams_model(plan) else local_model
+        args += ["--model", model, "--served-model-name", plan.served_model_name]
     else:
         base = f"{model_dir}/{BASE_SUBDIR}" if _fetches_base(plan) else plan.base_model
         # The adapter answers under the served name; the base model keeps its own.
         args += ["--model", base, "--enable-lora", "--lora-modules", f"{plan.served_model_name}={local_model}"]
+        if plan.model.spec.serving.adapters is not None:
+            args += ["--max-loras", str(plan.model.spec.serving.adapters.max_adapters)]
+            args += ["--max-lora-rank", str(plan.model.spec.serving.adapters.max_rank)]
+    if plan.model.spec.serving.adapters is not None and plan.base_model is None:
+        args += pool.pool_vllm_args(plan.model.spec.serving.adapters)
+    if _streams(plan):
+        args += ["--load-format", "runai_streamer"]
     if vllm.max_model_len:
         args += ["--max-model-len", str(vllm.max_model_len)]
     return args + list(vllm.extra_args)
@@ -168,8 +200,8 @@ def _fetch_container(plan: ServingPlan, settings: OperatorSettings, config_file:
     }
 
 
-def build_deployment(plan: ServingPlan, settings: OperatorSettings) -> dict[str, Any]:
-    """The vLLM Deployment ``<model>-vllm``; replicas left to the HPA when autoscaling is on."""
+def build_deployment(plan: ServingPlan, settings: OperatorSettings, autoscaled: bool = False) -> dict[str, Any]:
+    """The vLLM Deployment ``<model>-vllm``; replicas left to the autoscaler when ``autoscaled``."""
     spec = plan.model.spec
     serving = spec.serving
     port = settings.serving.port
@@ -184,6 +216,8 @@ def build_deployment(plan: ServingPlan, settings: OperatorSettings) -> dict[str,
             # The image may expect root's HOME; caches go to a writable volume instead.
             {"name": "HOME", "value": "/tmp"},
             {"name": "HF_HOME", "value": "/tmp/hf"},
+            *(pool.POOL_VLLM_ENV if serving.adapters is not None else []),
+            *(stream_env(plan.storage) + storage_env(plan.storage) if _streams(plan) else []),
             *[{"name": e.name, "value": e.value} for e in serving.vllm.env],
         ],
         "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
@@ -203,7 +237,7 @@ def build_deployment(plan: ServingPlan, settings: OperatorSettings) -> dict[str,
         "securityContext": container_security_context(settings),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    init = [_fetch_container(plan, settings, "fetch.yaml", names.FETCH_CONTAINER)]
+    init = [] if _streams_model(plan) else [_fetch_container(plan, settings, "fetch.yaml", names.FETCH_CONTAINER)]
     if _fetches_base(plan):
         init.append(_fetch_container(plan, settings, "fetch-base.yaml", f"{names.FETCH_CONTAINER}-base"))
     gpu = serving.gpus > 0
@@ -238,7 +272,12 @@ def build_deployment(plan: ServingPlan, settings: OperatorSettings) -> dict[str,
         pod_spec["nodeSelector"] = dict(node_selector)
     if tolerations:
         pod_spec["tolerations"] = [t.to_wire() for t in tolerations]
-    if settings.service_account_name:
+    if serving.adapters is not None:
+        container["volumeMounts"].append(dict(pool.POOL_VLLM_MOUNT))
+        pod_spec["containers"].append(pool.build_adapter_sync_container(plan.storage, settings))
+        pod_spec["volumes"] += pool.pool_volumes(plan.name)
+        pod_spec["serviceAccountName"] = pool.pool_service_account(plan.name, settings)
+    elif settings.service_account_name:
         pod_spec["serviceAccountName"] = settings.service_account_name
     if settings.image_pull_secrets:
         pod_spec["imagePullSecrets"] = image_pull_secrets(settings)
@@ -260,8 +299,10 @@ def build_deployment(plan: ServingPlan, settings: OperatorSettings) -> dict[str,
     metadata = plan.metadata(names.model_deployment_name(plan.name))
     if serving.autoscaling is None:
         deployment_spec["replicas"] = serving.replicas
-    else:
+    elif autoscaled:
         metadata["annotations"] = {names.ANNOTATION_AUTOSCALED: "true"}
+    else:  # no autoscaler can run here (a condition says why): serve the fewest replicas that serve
+        deployment_spec["replicas"] = max(serving.autoscaling.min_replicas, 1)
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": metadata, "spec": deployment_spec}
 
 
@@ -289,41 +330,39 @@ def build_pdb(plan: ServingPlan) -> dict[str, Any]:
     }
 
 
-def build_hpa(plan: ServingPlan) -> dict[str, Any] | None:
-    """An autoscaling/v2 HPA on CPU utilisation, or None without ``serving.autoscaling``."""
-    autoscaling = plan.model.spec.serving.autoscaling
-    if autoscaling is None:
-        return None
-    return {
-        "apiVersion": "autoscaling/v2",
-        "kind": "HorizontalPodAutoscaler",
-        "metadata": plan.metadata(names.model_hpa_name(plan.name)),
-        "spec": {
-            "scaleTargetRef": {
-                "apiVersion": "apps/v1",
-                "kind": "Deployment",
-                "name": names.model_deployment_name(plan.name),
-            },
-            "minReplicas": autoscaling.min_replicas,
-            "maxReplicas": autoscaling.max_replicas,
-            "metrics": [
-                {
-                    "type": "Resource",
-                    "resource": {
-                        "name": "cpu",
-                        "target": {"type": "Utilization", "averageUtilization": autoscaling.target_cpu_utilization},
-                    },
-                }
-            ],
-        },
-    }
-
-
-def build_serving_children(plan: ServingPlan, settings: OperatorSettings) -> list[dict[str, Any]]:
-    """Everything that serves a DistilledModel, in apply order (config before the pods that mount it)."""
-    children = [build_fetch_config_map(plan, settings), build_service(plan, settings), build_pdb(plan)]
-    children.append(build_deployment(plan, settings))
-    hpa = build_hpa(plan)
-    if hpa is not None:
-        children.append(hpa)
+def build_optional_children(plan: ServingPlan, settings: OperatorSettings, caps: Capabilities) -> list[dict[str, Any]]:
+    """Autoscaler, monitor and routing objects this cluster can take (see builders/integrations.py)."""
+    spec = plan.model.spec
+    args = (plan.name, plan.namespace, plan.owner_reference())
+    children: list[dict[str, Any]] = []
+    autoscaling = spec.serving.autoscaling
+    if autoscaling is not None:
+        kind = integrations.choose_autoscaler(autoscaling, caps).kind
+        if kind == integrations.HPA:
+            children.append(integrations.build_hpa(*args, autoscaling))
+        elif kind == integrations.SCALED_OBJECT:
+            children.append(integrations.build_scaled_object(*args, autoscaling, settings))
+    monitor = integrations.build_monitor(*args, settings)
+    if monitor is not None and caps.has((monitor["apiVersion"], monitor["kind"])):
+        children.append(monitor)
+    routing = spec.routing
+    if routing is not None and caps.has(integrations.INFERENCE_POOL):
+        children.append(integrations.build_inference_pool(*args, routing, settings))
+        if caps.has(integrations.INFERENCE_OBJECTIVE):
+            children.append(integrations.build_inference_objective(*args, routing, plan.name))
     return children
+
+
+def build_serving_children(
+    plan: ServingPlan, settings: OperatorSettings, caps: Capabilities | None = None
+) -> list[dict[str, Any]]:
+    """Everything that serves a DistilledModel, in apply order (config before the pods that mount it)."""
+    caps = caps or Capabilities()
+    children = [] if _streams_model(plan) else [build_fetch_config_map(plan, settings)]
+    children += [build_service(plan, settings), build_pdb(plan)]
+    if plan.model.spec.serving.adapters is not None:
+        children += pool.build_adapter_sync_rbac(plan.name, plan.namespace, plan.owner_reference(), settings)
+    autoscaling = plan.model.spec.serving.autoscaling
+    autoscaled = autoscaling is not None and integrations.choose_autoscaler(autoscaling, caps).kind is not None
+    children.append(build_deployment(plan, settings, autoscaled))
+    return children + build_optional_children(plan, settings, caps)

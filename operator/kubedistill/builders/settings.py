@@ -108,6 +108,26 @@ class ServingSettings(ApiModel):
     startup_seconds: int = Field(
         default=1800, ge=60, description="How long a vLLM pod may take to load the model before it is restarted."
     )
+    monitor: Literal["none", "PodMonitor", "ServiceMonitor"] = Field(
+        default="none",
+        description="Have the Prometheus Operator scrape vLLM's /metrics with a PodMonitor or ServiceMonitor per "
+        "model (written when its CRDs are installed; a Monitoring condition says when they are not).",
+    )
+    monitor_interval: str = Field(
+        default="15s", pattern=r"^[0-9]+(ms|s|m|h)$", description="Scrape interval of the PodMonitor/ServiceMonitor."
+    )
+    monitor_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Labels on the PodMonitor/ServiceMonitor, e.g. the release label a Prometheus selects.",
+    )
+    prometheus_address: str = Field(
+        default="http://prometheus-operated.monitoring.svc:9090",
+        pattern=r"^https?://[^\s]+$",
+        description="Prometheus that KEDA's ScaledObjects query for vLLM's queue (autoscaling metric queue).",
+    )
+    adapter_sync_port: int = Field(
+        default=8001, ge=1, le=65535, description="Readiness port of the adapter sidecar of an adapter pool's pods."
+    )
 
 
 class ReconcileSettings(ApiModel):

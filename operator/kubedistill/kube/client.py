@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import secrets
+import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -44,10 +45,20 @@ PLURALS: dict[tuple[str, str], str] = {
     ("apps/v1", "Deployment"): "deployments",
     ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
     ("autoscaling/v2", "HorizontalPodAutoscaler"): "horizontalpodautoscalers",
+    ("v1", "ServiceAccount"): "serviceaccounts",
+    ("rbac.authorization.k8s.io/v1", "Role"): "roles",
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"): "rolebindings",
+    ("keda.sh/v1alpha1", "ScaledObject"): "scaledobjects",
+    ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitors",
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitors",
+    ("inference.networking.k8s.io/v1", "InferencePool"): "inferencepools",
+    ("inference.networking.x-k8s.io/v1alpha2", "InferenceObjective"): "inferenceobjectives",
     (API_VERSION, "DistillationJob"): "distillationjobs",
     (API_VERSION, "DistilledModel"): "distilledmodels",
 }
 REPORTING_COMPONENT = "kubedistill-operator"
+# How long a discovery answer is trusted: a CRD installed later is seen within this time.
+DISCOVERY_TTL_SECONDS = 30.0
 
 
 class KubeError(RuntimeError):
@@ -100,6 +111,7 @@ class KubeClient:
         self.limiter = PriorityRateLimiter(settings.api_qps, settings.api_burst)
         self.requests = 0
         self.instance = os.environ.get("POD_NAME") or os.uname().nodename
+        self._discovery: dict[str, tuple[float, frozenset[str] | None]] = {}
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -195,6 +207,25 @@ class KubeClient:
         except KubeError as err:
             if err.status != 404:  # deleted meanwhile: nothing left to report on
                 raise
+
+    async def discover(self, api_version: str) -> frozenset[str] | None:
+        """Kinds the API server serves in ``api_version`` (None: not served), cached for a short while."""
+        now = time.monotonic()
+        cached = self._discovery.get(api_version)
+        if cached is not None and now - cached[0] < DISCOVERY_TTL_SECONDS:
+            return cached[1]
+        prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+        try:
+            found = await self._call("GET", prefix)
+            kinds: frozenset[str] | None = frozenset(
+                r["kind"] for r in found.get("resources") or [] if "/" not in r.get("name", "")
+            )
+        except KubeError as err:
+            if err.status not in (404, 503):  # 503: an aggregated API (custom metrics) that is down
+                raise
+            kinds = None
+        self._discovery[api_version] = (now, kinds)
+        return kinds
 
     async def post_event(self, regarding: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         """A core/v1 Event on ``regarding`` (what `kubectl describe` shows). Best effort: never raises."""

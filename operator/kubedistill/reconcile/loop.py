@@ -37,6 +37,7 @@ from kubedistill.reconcile.distillation import (
 from kubedistill.reconcile.keys import compute_stage_keys
 from kubedistill.reconcile.observe import ObservedJob, Termination, observe_job, pick_termination
 from kubedistill.reconcile.serving import ModelObservations, compute_model_decision
+from kubedistill.reconcile.serving_io import decide_adapter, observe_serving
 from kubedistill.reconcile.status import WARNING, EventSpec, apply_conditions, clip, condition, merge_patch
 
 log = logging.getLogger("kubedistill.reconcile")
@@ -64,6 +65,8 @@ class Cluster(Protocol):
     ) -> None: ...
 
     async def post_event(self, regarding: Mapping[str, Any], type_: str, reason: str, message: str) -> None: ...
+
+    async def discover(self, api_version: str) -> frozenset[str] | None: ...
 
 
 class InvalidSpec(Exception):
@@ -230,11 +233,15 @@ async def reconcile_distilled_model(cluster: Cluster, settings: OperatorSettings
     except ValidationError as err:
         raise InvalidSpec(describe_validation_error(err)) from err
 
-    deployment = await cluster.get("apps/v1", "Deployment", namespace, names.model_deployment_name(name))
     source_job: dict[str, Any] | None = None
     if dm.spec.from_job is not None:
         source_job = await cluster.get(API_VERSION, DJ_KIND, namespace, dm.spec.from_job.name)
-    obs = ModelObservations(deployment=deployment, source_job=source_job)
+    if dm.spec.pool is not None:  # an adapter: its pool loads it, only its status is ours to write
+        decision = await decide_adapter(cluster, settings, dm, source_job)
+        await _write_status(cluster, DM_KIND, raw, decision.status.to_wire(), decision.events)
+        return Outcome(phase=decision.status.phase.value if decision.status.phase else None, active=True)
+    deployment = await cluster.get("apps/v1", "Deployment", namespace, names.model_deployment_name(name))
+    obs = await observe_serving(cluster, dm, ModelObservations(deployment=deployment, source_job=source_job))
     decision = compute_model_decision(dm, settings, obs, now_rfc3339())
     for api_version, kind, child_name in decision.delete:
         await cluster.delete(api_version, kind, namespace, child_name)

@@ -25,18 +25,36 @@ from kubedistill.api.v1alpha1 import (
     ModelArtifact,
     StorageSpec,
 )
+from kubedistill.api.worker_config import AdapterEntry
 from kubedistill.builders import names
+from kubedistill.builders.adapters import adapter_entry, build_adapters_config_map
+from kubedistill.builders.integrations import Capabilities
 from kubedistill.builders.serving import ServingPlan, build_serving_children
 from kubedistill.builders.settings import OperatorSettings
+from kubedistill.reconcile.adapters import AdapterObservations, compute_adapter_status, pool_adapter_statuses
+from kubedistill.reconcile.integrations import Ref, integration_conditions, stale_children
 from kubedistill.reconcile.status import NORMAL, WARNING, EventSpec, apply_conditions, condition
 
 
 @dataclass(frozen=True)
+class PoolMember:
+    """An adapter DistilledModel naming a pool, with its source job (fromJob) when it has one."""
+
+    model: Mapping[str, Any]
+    source_job: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
 class ModelObservations:
-    """What exists: the vLLM Deployment and (fromJob) the source DistillationJob, raw."""
+    """What exists: the vLLM Deployment and (fromJob) the source DistillationJob, raw; which integrations
+    the cluster has and the optional children that exist; for a pool, its members and pods."""
 
     deployment: Mapping[str, Any] | None
     source_job: Mapping[str, Any] | None = None
+    capabilities: Capabilities = field(default_factory=Capabilities)
+    optional_children: tuple[Ref, ...] = ()
+    members: tuple[PoolMember, ...] = ()
+    pods: tuple[Mapping[str, Any], ...] = ()
 
 
 @dataclass
@@ -115,9 +133,15 @@ def compute_model_decision(
     deployment = obs.deployment
     decision = ModelDecision(status=old)
     # Without a resolvable source, whatever is deployed keeps serving: nothing is applied.
+    entries = pool_entries(obs.members) if dm.spec.serving.adapters is not None else []
     if source.plan is not None:
-        decision.apply = build_serving_children(source.plan, settings)
-    if dm.spec.serving.autoscaling is None and _autoscaled(obs.deployment):
+        decision.apply = build_serving_children(source.plan, settings, obs.capabilities)
+        if dm.spec.serving.adapters is not None:
+            plan = source.plan
+            config = build_adapters_config_map(plan.name, plan.namespace, plan.owner_reference(), entries)
+            decision.apply.insert(0, config)
+        decision.delete = stale_children(obs.optional_children, decision.apply)
+    elif dm.spec.serving.autoscaling is None and _autoscaled(obs.deployment):
         decision.delete.append(("autoscaling/v2", "HorizontalPodAutoscaler", names.model_hpa_name(name)))
 
     serving = dm.spec.serving
@@ -190,6 +214,7 @@ def compute_model_decision(
     else:
         conditions.append(condition(c.DEGRADED, False, Reason.REPLICAS_AVAILABLE, "no problem seen", now, generation))
 
+    conditions += integration_conditions(dm, settings, obs.capabilities, now)
     decision.status = DistilledModelStatus(
         phase=phase,
         observed_generation=generation,
@@ -200,6 +225,7 @@ def compute_model_decision(
         ready_replicas=ready,
         selector=names.model_children_selector(name),
         current_model=current_model,
+        adapters=pool_adapter_statuses(entries, obs.pods) if dm.spec.serving.adapters is not None else None,
     )
     decision.progressing = progressing
     if rolled_out and source.plan is not None and current_model != old.current_model:
@@ -227,3 +253,32 @@ def _model_events(
         reason = ready.reason if ready else str(new.phase)
         events.append(EventSpec(kind, reason, f"{new.phase}: {ready.message if ready else ''}"))
     return events
+
+
+def pool_entries(members: tuple[PoolMember, ...]) -> list[AdapterEntry]:
+    """A pool's adapter set: each member whose source resolves (an unresolved one has no place in it yet)."""
+    entries: list[AdapterEntry] = []
+    for member in members:
+        try:
+            dm = DistilledModel.model_validate(member.model)
+        except ValidationError:
+            continue
+        entry = _adapter_entry(dm, member.source_job)
+        if entry is not None:
+            entries.append(entry)
+    return entries
+
+
+def _adapter_entry(dm: DistilledModel, source_job: Mapping[str, Any] | None) -> AdapterEntry | None:
+    plan = resolve_source(dm, ModelObservations(deployment=None, source_job=source_job)).plan
+    if plan is None:
+        return None
+    return adapter_entry(plan.served_model_name, plan.source.uri, plan.source.digest, plan.storage)
+
+
+def compute_adapter_decision(
+    dm: DistilledModel, settings: OperatorSettings, obs: AdapterObservations, now: str
+) -> ModelDecision:
+    """An adapter in a pool: nothing of its own to apply (the pool loads it), only its status."""
+    status, events = compute_adapter_status(dm, _adapter_entry(dm, obs.source_job), settings, obs, now)
+    return ModelDecision(status=status, events=events, progressing=status.phase != ModelPhase.READY)

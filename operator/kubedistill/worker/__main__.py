@@ -4,6 +4,7 @@
     kubedistill-worker train    --config /etc/kubedistill/train.yaml
     kubedistill-worker evaluate --config /etc/kubedistill/evaluate.yaml
     kubedistill-worker fetch    --config /etc/kubedistill/fetch.yaml
+    kubedistill-worker adapter-sync --adapters FILE --dir DIR   (a sidecar, not a stage: see adapter_sync.py)
 
 Each stage module exposes ``CONFIG`` (its pydantic config model) and
 ``main(config) -> dict`` (the success summary). Heavy imports (torch, trl,
@@ -73,6 +74,11 @@ def run_stage(stage: str, config_path: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["adapter-sync"]:  # a long-running sidecar with its own flags
+        from kubedistill.worker import adapter_sync
+
+        return adapter_sync.main(argv[1:])
     configure_logging()
     args = parse_args(argv)
     exit_deadline.enabled = True
