@@ -12,7 +12,11 @@ scheduler; kwok plays the kubelet), in a fresh namespace:
 3. watch Jobs: when each DistillationJob's generate Job appears (its first reconcile),
    and its train Job (generate's pod ran to completion under kwok, the operator saw the
    Job finish, read the pod's termination message and created the train stage);
-4. stop when every train Job exists; read the operator's peak RSS (VmHWM) and CPU time.
+4. stop when every train Job exists; read the operator's peak RSS (VmHWM) and CPU time;
+5. scrape the operator's /metrics every 2 s meanwhile (the deepest reconcile queue seen) and once
+   at the end, and check its counts against what the bench saw: DistillationJobs by phase add up
+   to N, finished generate stages equal the generate Jobs the watcher saw complete, and the
+   reconciles counted equal the operator's own stop line.
 
 Reported: time until every train Job exists (from the first create); per DistillationJob
 (p50/p99): create -> generate Job ("gen": the first reconcile), create -> train Job ("train":
@@ -128,6 +132,71 @@ class JobWatcher:
             return sum(1 for (_, s) in self.seen if s == stage)
 
 
+class MetricsScraper:
+    """Scrapes the operator's /metrics every ``interval`` seconds; keeps the deepest queues seen."""
+
+    def __init__(self, op: OperatorProcess, interval: float = 2.0) -> None:
+        self.op = op
+        self.interval = interval
+        self.deepest: dict[str, float] = {}
+        self.scrapes = 0
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                samples = self.op.metrics()
+            except OSError:
+                continue
+            self.scrapes += 1
+            for queue in ("slots", "api"):
+                value = samples.get(f'kubedistill_reconcile_queue_depth{{queue="{queue}"}}', 0.0)
+                self.deepest[queue] = max(self.deepest.get(queue, 0.0), value)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(10)
+
+
+def quiescent_metrics(op: OperatorProcess, settle: float = 3.0, limit: float = 60.0) -> dict[str, float]:
+    """/metrics once no reconcile has run for ``settle`` seconds (so the stop line counts the same)."""
+
+    def reconciles(samples: dict[str, float]) -> float:
+        return sum(v for k, v in samples.items() if k.startswith("kubedistill_reconcile_duration_seconds_count{"))
+
+    deadline = time.monotonic() + limit
+    samples = op.metrics()
+    stable_since = time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        latest = op.metrics()
+        if reconciles(latest) != reconciles(samples):
+            stable_since = time.monotonic()
+        samples = latest
+        if time.monotonic() - stable_since >= settle:
+            break
+    return samples
+
+
+def check_metrics(samples: dict[str, float], n: int, generate_done: int, reconciles: int | None) -> dict[str, Any]:
+    """The operator's own counts against the bench's; each check is reported, a mismatch fails the run."""
+    by_phase = {k: v for k, v in samples.items() if k.startswith("kubedistill_distillation_jobs{")}
+    finished = samples.get('kubedistill_stages_finished_total{result="succeeded",stage="generate"}', 0.0)
+    counted = sum(v for k, v in samples.items() if k.startswith("kubedistill_reconcile_duration_seconds_count{"))
+    checks = {
+        "jobs_by_phase_sum": (sum(by_phase.values()), n),
+        "generate_finished": (finished, generate_done),
+        "reconciles": (counted, reconciles),
+    }
+    return {
+        "phases": {k.split('"')[1]: v for k, v in by_phase.items() if v},
+        "checks": {name: {"metrics": got, "bench": want, "ok": want is None or got == want}
+                   for name, (got, want) in checks.items()},
+    }  # fmt: skip
+
+
 def run_one(cluster: Cluster, n: int, timeout: float, workdir: Path) -> dict[str, Any]:
     custom = cluster.custom()
     with cluster.new_namespace(f"bench-scale-{n}") as namespace:
@@ -135,6 +204,7 @@ def run_one(cluster: Cluster, n: int, timeout: float, workdir: Path) -> dict[str
         op.start()
         assert op.proc is not None
         watcher = JobWatcher(cluster, namespace)
+        scraper = MetricsScraper(op)
         names = [f"dj-{i:04d}" for i in range(n)]
         created: dict[str, float] = {}
 
@@ -154,6 +224,8 @@ def run_one(cluster: Cluster, n: int, timeout: float, workdir: Path) -> dict[str
             complete = False
         elapsed = time.monotonic() - t0
         peak_rss, cpu = proc_stats(op.proc.pid)
+        scraper.stop()
+        final_samples = quiescent_metrics(op)
         watcher.stop()
         op.stop()
         stats = re.findall(
@@ -170,6 +242,8 @@ def run_one(cluster: Cluster, n: int, timeout: float, workdir: Path) -> dict[str
             for name in names
             if (name, "train") in seen and (name, "generate-complete") in seen
         ]
+        generate_done = sum(1 for name in names if (name, "generate-complete") in seen)
+        metrics = check_metrics(final_samples, n, generate_done, int(reconciles) if reconciles else None)
         result = {
             "n": n,
             "complete": complete,
@@ -189,6 +263,9 @@ def run_one(cluster: Cluster, n: int, timeout: float, workdir: Path) -> dict[str
             "reconciles": int(reconciles) if reconciles else None,
             "api_requests": int(requests) if requests else None,
             "operator_log": str(op.log_path),
+            "deepest_queue": scraper.deepest,
+            "scrapes": scraper.scrapes,
+            "metrics": metrics,
         }
     # Let the namespace (N jobs, their Jobs, pods, events) go before the next N is measured.
     core = cluster.core()
@@ -237,8 +314,15 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     meta = {"machine": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()}
     RESULTS.write_text(json.dumps({"meta": meta, "settings": SETTINGS, "rows": rows}, indent=2))
+    for r in rows:
+        checks = ", ".join(
+            f"{name} {c['metrics']:.0f}/{c['bench'] if c['bench'] is not None else '?'}{'' if c['ok'] else ' MISMATCH'}"
+            for name, c in r["metrics"]["checks"].items()
+        )
+        print(f"N={r['n']}: /metrics vs bench: {checks}; deepest queue {r['deepest_queue']} ({r['scrapes']} scrapes)")
     print(f"wrote {RESULTS}")
-    return 0 if all(r["complete"] for r in rows) else 1
+    metrics_ok = all(c["ok"] for r in rows for c in r["metrics"]["checks"].values())
+    return 0 if all(r["complete"] for r in rows) and metrics_ok else 1
 
 
 if __name__ == "__main__":
