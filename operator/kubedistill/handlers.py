@@ -50,6 +50,7 @@ DJ = (GROUP, VERSION, "distillationjobs")
 DM = (GROUP, VERSION, "distilledmodels")
 MANAGED = {names.LABEL_MANAGED_BY: names.MANAGED_BY}
 SERVING_PODS = {**MANAGED, names.LABEL_COMPONENT: names.SERVING_COMPONENT}
+PROGRESS_CONFIG_MAPS = {**MANAGED, names.LABEL_COMPONENT: names.PROGRESS_COMPONENT}
 ACTIVE_PHASES = frozenset({None, "Pending", "Generating", "Training", "Evaluating", "Publishing"})
 ACTIVE_MODEL_PHASES = frozenset({None, "Pending", "Deploying", "Degraded"})
 HEARTBEAT_SECONDS = 5.0
@@ -67,6 +68,7 @@ def configure_kopf(settings: kopf.OperatorSettings, ours: OperatorSettings) -> N
     settings.watching.label_selectors["batch", "jobs"] = f"{names.LABEL_MANAGED_BY}={names.MANAGED_BY}"
     settings.watching.label_selectors["apps", "deployments"] = f"{names.LABEL_MANAGED_BY}={names.MANAGED_BY}"
     settings.watching.label_selectors["pods"] = ",".join(f"{k}={v}" for k, v in SERVING_PODS.items())
+    settings.watching.label_selectors["configmaps"] = ",".join(f"{k}={v}" for k, v in PROGRESS_CONFIG_MAPS.items())
     settings.watching.server_timeout = 270
     settings.watching.client_timeout = 300
     settings.execution.max_workers = max(4, ours.reconcile.api_threads)
@@ -170,6 +172,11 @@ def register(
         pool = (spec.get("pool") or {}).get("name")
         return {(namespace, pool): name} if pool else None
 
+    @kopf.index("", "v1", "configmaps", labels=PROGRESS_CONFIG_MAPS, id="stage_progress", registry=registry)
+    def stage_progress(*, namespace: str | None, labels: Mapping[str, str], body: Any, **_: Any) -> Any:
+        job = labels.get(names.LABEL_JOB)
+        return {(namespace, job): dict(body.get("data") or {})} if job else None
+
     @kopf.index("batch", "v1", "jobs", labels=MANAGED, id="stage_jobs", registry=registry)
     def stage_jobs(*, namespace: str | None, labels: Mapping[str, str], body: Any, **_: Any) -> Any:
         job = labels.get(names.LABEL_JOB)
@@ -181,6 +188,7 @@ def register(
         runtime.job_phases = kwargs["distillation_job_phases"]
         runtime.model_phases = kwargs["distilled_model_phases"]
         runtime.models_following = kwargs["models_following"]
+        runtime.progress_index = kwargs["stage_progress"]
         runtime.pool_members = kwargs["pool_members"]
         return runtime
 
@@ -222,6 +230,14 @@ def register(
         if type == "ADDED" and phase == "Pending":
             return  # we just created it, and recorded that already (initial listings have type None)
         runtime.kick_job(namespace or "", parent)
+
+    @kopf.on.event("", "v1", "configmaps", labels=PROGRESS_CONFIG_MAPS, id="stage_progress_event", registry=registry)
+    async def stage_progress_event(
+        *, type: str, namespace: str | None, labels: Mapping[str, str], memo: Any, **kwargs: Any
+    ) -> None:
+        job = labels.get(names.LABEL_JOB)
+        if job and type in ("MODIFIED", None):  # a report (or the initial listing); not our own create
+            bind(memo, kwargs).kick_progress(namespace or "", job)
 
     # ------------------------------------------------------------------ DistilledModel
 

@@ -33,6 +33,7 @@ from kubedistill.kube.pacing import Priority, PrioritySemaphore, reconcile_prior
 from kubedistill.reconcile.loop import (
     InvalidSpec,
     Outcome,
+    ProgressSeen,
     reconcile_distillation_job,
     reconcile_distilled_model,
 )
@@ -56,6 +57,9 @@ class Runtime:
         self.job_phases: Mapping[Any, Iterable[Any]] | None = None
         self.model_phases: Mapping[Any, Iterable[Any]] | None = None
         self.models_following: Mapping[Any, Iterable[str]] = {}
+        self.progress_index: Mapping[Any, Iterable[Mapping[str, Any]]] | None = None
+        self._progress_due: dict[Key, float] = {}  # monotonic time before which no progress pass runs
+        self._progress_later: set[Key] = set()  # a progress pass is scheduled for then
         self.pool_members: Mapping[Any, Iterable[str]] = {}
         self.job_phase_seen: dict[str, str] = {}
         self._locks: weakref.WeakValueDictionary[Key, asyncio.Lock] = weakref.WeakValueDictionary()
@@ -148,11 +152,22 @@ class Runtime:
             return None
         return list(self.jobs_index.get((namespace, names.label_value(name)), ()))
 
+    def _progress_of(self, namespace: str, name: str) -> ProgressSeen | None:
+        if self.progress_index is None:
+            return None  # no watch cache (tests, start-up): the reconcile reads the ConfigMap
+        found = list(self.progress_index.get((namespace, names.label_value(name)), ()))
+        return ProgressSeen(exists=bool(found), data=found[0] if found else {})
+
     async def _reconcile_job(self, namespace: str, name: str) -> Outcome:
         start = time.monotonic()
         try:
             outcome = await reconcile_distillation_job(
-                self.cluster, self.settings, namespace, name, self._jobs_of(namespace, name)
+                self.cluster,
+                self.settings,
+                namespace,
+                name,
+                self._jobs_of(namespace, name),
+                self._progress_of(namespace, name),
             )
         except InvalidSpec:
             raise
@@ -173,6 +188,27 @@ class Runtime:
     def kick_job(self, namespace: str, name: str, priority: Priority = Priority.CHILD_EVENT) -> None:
         """Reconcile soon, in the background (child events; resyncs at a lower priority)."""
         self._kick(("DistillationJob", namespace, name), lambda: self._reconcile_job(namespace, name), priority)
+
+    def kick_progress(self, namespace: str, name: str) -> None:
+        """A running stage reported: fold it into the status, at most once per ``progress.statusSeconds``.
+
+        Reports that arrive meanwhile wait for the next pass, which reads the latest one: at 1,000
+        running jobs the status writes stay at 1,000 per interval, whatever the workers send.
+        """
+        key: Key = ("DistillationJob", namespace, name)
+        now = time.monotonic()
+        due = self._progress_due.get(key, 0.0)
+        if now >= due:
+            self._progress_due[key] = now + self.settings.progress.status_seconds
+            self.kick_job(namespace, name, Priority.PROGRESS)
+        elif key not in self._progress_later:
+            self._progress_later.add(key)
+            asyncio.get_running_loop().call_later(due - now, self._progress_later_due, key)
+
+    def _progress_later_due(self, key: Key) -> None:
+        self._progress_later.discard(key)
+        _, namespace, name = key
+        self.kick_progress(namespace, name)
 
     # ------------------------------------------------------------------ DistilledModel
 

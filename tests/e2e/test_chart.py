@@ -436,27 +436,6 @@ def _without_options(args: list[str], *options: str) -> list[str]:
     return out
 
 
-def _token_kubeconfig(cluster: Cluster, token: str, path: Path) -> Path:
-    """A kubeconfig for the same API server that authenticates with a bearer token only."""
-    admin = yaml.safe_load(cluster.kubeconfig.read_text())
-    context = next(c for c in admin["contexts"] if c["name"] == admin["current-context"])["context"]
-    server = next(c for c in admin["clusters"] if c["name"] == context["cluster"])
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [server],
-                "users": [{"name": "operator", "user": {"token": token}}],
-                "contexts": [{"name": "operator", "context": {"cluster": server["name"], "user": "operator"}}],
-                "current-context": "operator",
-            }
-        )
-    )
-    path.chmod(0o600)
-    return path
-
-
 @pytest.mark.cluster
 def test_the_operator_runs_a_distillation_with_the_chart_rbac_and_settings(
     cluster: Cluster, namespace: str, install: Any, tmp_path: Path
@@ -467,12 +446,10 @@ def test_the_operator_runs_a_distillation_with_the_chart_rbac_and_settings(
                               "rbac": {"aggregateToDefaultRoles": False}})  # fmt: skip
 
         # The operator pod's credentials and settings file, for a process on this machine.
-        token = cluster.kubectl("-n", namespace, "create", "token", release.service_account, "--duration=15m").stdout
-        kubeconfig = _token_kubeconfig(cluster, token.strip(), tmp_path / "operator.kubeconfig")
+        as_pod = cluster.as_service_account(namespace, release.service_account, tmp_path / "operator.kubeconfig")
         config_map = cluster.kubectl_json("-n", namespace, "get", "configmap", f"{release.name}-kubedistill-settings")
         settings = yaml.safe_load(config_map["data"]["settings.yaml"])
         assert settings["namespaces"] == [work]
-        as_pod = dataclasses.replace(cluster, kubeconfig=kubeconfig)
         assert as_pod.kubectl("auth", "whoami", "-o", "jsonpath={.status.userInfo.username}").stdout == release.user
 
         # The chart's own arguments (leader election on its Lease, JSON logs), with this process's

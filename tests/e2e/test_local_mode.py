@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -53,34 +54,55 @@ def chat(base_url: str, model: str, prompt: str) -> str:
 
 @pytest.fixture(scope="module")
 def demo(home):
-    """Run the demo, and while it serves, ask the distilled model questions it never saw."""
+    """Run the demo, and while it serves, ask the distilled model questions it never saw.
+
+    Its output is read from a pipe, as a CI log or `| tee` reads it: plain lines, no terminal.
+    """
     port = free_port()
     log_path = home / "demo.out"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [*kubedistill(home, "demo", "--serve-seconds", "60", "--port", str(port))],
-            cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
-        answers: dict[str, str] = {}
-        try:
-            deadline = time.monotonic() + 1500
-            while "serve     ready" not in log_path.read_text() and time.monotonic() < deadline:
-                assert proc.poll() is None, log_path.read_text()
-                time.sleep(1)
-            endpoint = re.search(r"ready in \d+s at (\S+)", log_path.read_text())
-            assert endpoint, log_path.read_text()
-            for prompt in ("reverse: cat dog sun", "reverse: gold sea", "reverse: owl rain snow wind"):
-                answers[prompt] = chat(endpoint.group(1), "reversal-student", prompt)
-            code = proc.wait(120)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    return code, log_path.read_text(), answers
+    lines: list[str] = []
+    proc = subprocess.Popen(
+        [*kubedistill(home, "demo", "--serve-seconds", "60", "--port", str(port))],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+
+    def read() -> None:
+        assert proc.stdout is not None
+        with log_path.open("w") as log:
+            for line in proc.stdout:
+                lines.append(line)
+                log.write(line)
+                log.flush()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    answers: dict[str, str] = {}
+    try:
+        deadline = time.monotonic() + 1500
+        while not any("serve     ready" in line for line in lines) and time.monotonic() < deadline:
+            assert proc.poll() is None, "".join(lines)
+            time.sleep(1)
+        endpoint = re.search(r"ready in \d+s at (\S+)", "".join(lines))
+        assert endpoint, "".join(lines)
+        for prompt in ("reverse: cat dog sun", "reverse: gold sea", "reverse: owl rain snow wind"):
+            answers[prompt] = chat(endpoint.group(1), "reversal-student", prompt)
+        code = proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        reader.join(10)
+    return code, "".join(lines), answers
 
 
 def test_demo_distils_gates_and_serves(demo):
     code, output, answers = demo
     assert code == 0, output
+    # Live progress while the long stages run: plain lines in a pipe, each a new report.
+    for stage, unit in (("generate", "answers"), ("train", "steps")):
+        reports = re.findall(rf"^  {stage} +(\d+)%  [\d,]+/[\d,]+ {unit}", output, flags=re.MULTILINE)
+        assert len(reports) >= 2, f"{stage}: {reports}\n{output}"
+        assert [int(p) for p in reports] == sorted(int(p) for p in reports)
     assert re.search(r"generate  done .* 0 failed", output), output
     agreement = float(re.search(r"gate      passed   rougeL agreement (\S+)", output).group(1))
     assert agreement >= 0.95

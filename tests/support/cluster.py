@@ -21,6 +21,7 @@ set, so a cluster a developer started with `hack/cluster/up` outlives the test r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -314,6 +315,26 @@ class Cluster:
 
     def pids(self) -> set[int]:
         return component_pids(self.name)
+
+    def as_service_account(self, namespace: str, account: str, path: Path, duration: str = "15m") -> Cluster:
+        """This cluster seen with a fresh token of ``namespace/account`` (a bearer token only, no admin)."""
+        import yaml
+
+        token = self.kubectl("-n", namespace, "create", "token", account, f"--duration={duration}").stdout.strip()
+        admin = yaml.safe_load(self.kubeconfig.read_text())
+        context = next(c for c in admin["contexts"] if c["name"] == admin["current-context"])["context"]
+        server = next(c for c in admin["clusters"] if c["name"] == context["cluster"])
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [server],
+            "users": [{"name": account, "user": {"token": token}}],
+            "contexts": [{"name": account, "context": {"cluster": server["name"], "user": account}}],
+            "current-context": account,
+        }
+        path.write_text(yaml.safe_dump(config))
+        path.chmod(0o600)
+        return dataclasses.replace(self, kubeconfig=path)
 
     def env(self, **extra: str) -> dict[str, str]:
         """os.environ with KUBECONFIG set and the cluster's bin dir (kubectl, helm) first on PATH."""

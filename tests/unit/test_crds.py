@@ -122,7 +122,7 @@ def test_distillation_job_crd() -> None:
     assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
     assert version["subresources"] == {"status": {}}
     columns = {c["name"]: c for c in version["additionalPrinterColumns"] if not c.get("priority")}
-    assert list(columns) == ["Phase", "Teacher", "Student", "Agreement", "Age"]
+    assert list(columns) == ["Phase", "Progress", "Teacher", "Student", "Agreement", "Age"]
     assert columns["Agreement"]["jsonPath"] == ".status.evaluation.teacherAgreement"
     assert columns["Agreement"]["type"] == "number"
     spec = _schema(crd)["properties"]["spec"]

@@ -25,6 +25,7 @@ from kubedistill.api.worker_config import GenerateConfig
 from kubedistill.worker import common, generate
 from kubedistill.worker.teacher.keys import answer_key, teacher_settings
 from tests.support.fault_stub import FaultStub
+from tests.support.progress import ProgressSampler
 
 pytestmark = pytest.mark.worker
 
@@ -79,7 +80,7 @@ class Job:
             "workDir": str(tmp_path / "work"),
             "backoffInitialSeconds": 0.05,
             "backoffMaxSeconds": 0.5,
-            "progressSeconds": 1,
+            "progress": {"intervalSeconds": 1},
         }
         _merge(self.doc, overrides)
 
@@ -442,3 +443,26 @@ def test_kill_and_resume_under_cpu_load_never_hangs_nor_asks_twice(s3, stub, env
     assert len(job.records()) == total
     stored = job.stored_keys()
     assert len(stored) == total
+
+
+def test_progress_is_reported_at_the_interval_with_monotone_counts_and_a_sane_eta(s3, stub, env, tmp_path):
+    total = 150
+    stub.script({}, latency=0.05)
+    path = tmp_path / "generate.progress.json"
+    job = Job(s3, stub, tmp_path, prompts(total), teacher={"endpoint": {"maxConcurrency": 2}},
+              progress={"file": str(path), "intervalSeconds": 1})  # fmt: skip
+    sampler = ProgressSampler(path)
+    started = time.monotonic()
+    result, _ = generate.run(job.config)
+    finished = time.monotonic()
+    reports = sampler.stop()
+    assert result.requested == total
+    assert len(reports) >= 3, f"{len(reports)} reports in {finished - started:.1f}s"
+    done = [r.done for r in reports]
+    assert done == sorted(done) and done[-1] == total and all(r.total == total for r in reports)
+    assert all(r.stage == "generate" and r.unit == "answers" for r in reports)
+    assert all(r.details.get("reused") == 0 and r.details.get("failed") == 0 for r in reports)
+    assert any((r.details.get("teacherTokens") or 0) > 0 for r in reports)
+    gaps = [b[0] - a[0] for a, b in zip(sampler.reports, sampler.reports[1:], strict=False)][:-1]
+    assert all(gap >= 0.7 for gap in gaps), gaps  # about one report per second, the last one forced
+    sampler.check_eta(finished)

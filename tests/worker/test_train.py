@@ -25,6 +25,7 @@ from kubedistill.worker import common
 from kubedistill.worker.__main__ import run_stage
 from kubedistill.worker.fetch import METADATA_NAME, fetch_model
 from tests.support.datasets import copy_task, task_corpus, write_dataset
+from tests.support.progress import ProgressSampler
 from tests.support.tiny_model import build_tiny_chat_model, cached_tiny_chat_model
 
 pytestmark = pytest.mark.worker
@@ -532,3 +533,31 @@ def test_preflight_missing_local_model(preflight, tmp_path):
     rc, message = preflight(tmp_path / "nowhere")
     assert rc == common.EXIT_FAILED
     assert f"no config.json in {tmp_path / 'nowhere'}" in message
+
+
+def test_training_reports_progress_at_the_interval(s3, bucket, tmp_path):
+    path = tmp_path / "train.progress.json"
+    worker = Worker(
+        s3, bucket, tmp_path, "progress", training={"maxSteps": 40, "checkpointEverySteps": 20},
+        progress={"file": str(path), "intervalSeconds": 1},
+    )  # fmt: skip
+    sampler = ProgressSampler(path)
+    proc = worker.start()
+    try:
+        rc = proc.wait(600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        worker.log_file.close()
+    finished = time.monotonic()
+    reports = sampler.stop()
+    assert rc == 0, worker.describe()
+    assert len(reports) >= 3, worker.describe()
+    steps = [r.done for r in reports]
+    assert steps == sorted(steps) and steps[-1] == 40 and all(r.total == 40 and r.unit == "steps" for r in reports)
+    assert any(isinstance(r.details.get("loss"), float) for r in reports)
+    assert reports[-1].details.get("checkpointStep") == 40
+    assert any((r.details.get("tokensPerSecond") or 0) > 0 for r in reports)
+    epochs = [r.details["epoch"] for r in reports]
+    assert epochs == sorted(epochs)
+    sampler.check_eta(finished, tolerance=1.0, slack=10.0)  # the first steps compile and warm up

@@ -84,10 +84,12 @@ a create: every kind the operator applies needs both create and patch.
   resources: ["jobs"]
   verbs: ["list", "watch", "create", "delete"]
 # The worker config of each stage (create) and of each served model version (apply), listed to
-# prune the fetch configs of old model versions; deleted with their Job beyond the history.
+# prune the fetch configs of old model versions; deleted with their Job beyond the history. A
+# DistillationJob's progress ConfigMap: created, watched (label-filtered), read; the Role its
+# stage pods get may read and patch it, which the operator may grant only if it holds both.
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["list", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # The rendezvous Service of multi-node training (create; deleted with its Job beyond the
 # history) and a model's Service (apply).
 - apiGroups: [""]
@@ -103,7 +105,8 @@ a create: every kind the operator applies needs both create and patch.
 - apiGroups: [""]
   resources: ["pods/status"]
   verbs: ["patch"]
-# An adapter pool's sidecars: their ServiceAccount, Role and RoleBinding (applied).
+# An adapter pool's sidecars, and a DistillationJob's stage pods (the progress writers): their
+# ServiceAccount, Role and RoleBinding (applied, or created once).
 - apiGroups: [""]
   resources: ["serviceaccounts"]
   verbs: ["create", "patch"]

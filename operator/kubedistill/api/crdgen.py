@@ -119,6 +119,7 @@ DISTILLATION_JOB = CrdDescription(
     categories=CATEGORIES,
     columns=(
         PrinterColumn("Phase", "string", ".status.phase", "Where the run stands."),
+        PrinterColumn("Progress", "string", ".status.progress", "The running stage: how far, how long to go."),
         PrinterColumn("Teacher", "string", ".status.teacher", "The teacher model."),
         PrinterColumn("Student", "string", ".spec.student.model", "The student base model."),
         PrinterColumn(

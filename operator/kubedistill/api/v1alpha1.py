@@ -830,6 +830,13 @@ class StageStatus(ApiModel):
         default=None, pattern=RFC3339_PATTERN, description="When the stage finished (RFC 3339)."
     )
     progress: float | None = Field(default=None, ge=0.0, le=1.0, description="Fraction done, 0 to 1, where known.")
+    progress_message: str | None = Field(
+        default=None,
+        description="The running stage's latest report, e.g. '412,000/1,000,000 answers, 118/s, ETA 1h23m'.",
+    )
+    progress_time: str | None = Field(
+        default=None, pattern=RFC3339_PATTERN, description="When the stage's pod wrote that report."
+    )
     restarts: int | None = Field(
         default=None, ge=0, description="Whole-group restarts of this stage so far (multi-node training)."
     )
@@ -914,6 +921,9 @@ class DistillationJobStatus(ApiModel):
     start_time: str | None = Field(default=None, pattern=RFC3339_PATTERN, description="When the current run started.")
     completion_time: str | None = Field(
         default=None, pattern=RFC3339_PATTERN, description="When the current run succeeded or failed."
+    )
+    progress: str | None = Field(
+        default=None, description="The running stage and how far it is, e.g. 'train 41%, ETA 12m07s' (kubectl get)."
     )
     teacher: str | None = Field(default=None, description="The teacher model, for display.")
     student: str | None = Field(default=None, description="The student base model, for display.")

@@ -34,6 +34,70 @@ Stage = Literal["generate", "train", "evaluate", "fetch"]
 STAGES: tuple[Stage, ...] = ("generate", "train", "evaluate")
 
 
+class ProgressTarget(ApiModel):
+    """Where a running stage reports its progress, and how often.
+
+    In a pod: a ConfigMap the operator created for the DistillationJob, which the pod's
+    ServiceAccount may update and nothing else; in local mode: a file the runner renders.
+    """
+
+    config_map: str | None = Field(default=None, description="ConfigMap to write, in the pod's namespace.")
+    namespace: str | None = Field(default=None, description="Namespace of that ConfigMap.")
+    file: str | None = Field(default=None, description="Local mode: a JSON file, rewritten at each report.")
+    job: str | None = Field(default=None, description="The stage's Job: reports carry it, so stale ones are ignored.")
+    interval_seconds: float = Field(default=30.0, ge=1.0, le=3600, description="Seconds between reports.")
+
+
+class StageProgress(ApiModel):
+    """One progress report of a running stage (the value a worker writes under its stage's key)."""
+
+    model_config = ApiModel.model_config | {"extra": "ignore"}
+
+    stage: Stage
+    job: str | None = Field(default=None, description="The Job that reports (see ProgressTarget.job).")
+    done: float = Field(ge=0, description="Units done so far (answers, optimizer steps, examples).")
+    total: float | None = Field(default=None, ge=0, description="Units in all, where known.")
+    unit: str = Field(description="What is counted: answers, steps or examples.")
+    rate: float | None = Field(default=None, ge=0, description="Units per second, recently.")
+    eta_seconds: float | None = Field(default=None, ge=0, description="Seconds to go at that rate.")
+    details: dict[str, float | int | str] = Field(
+        default_factory=dict,
+        description="Stage specifics: reused, failed, retries, teacherTokens (generate); epoch, loss, "
+        "tokensPerSecond, checkpointStep (train).",
+    )
+    updated_at: str = Field(description="When the worker wrote it (RFC 3339, UTC).")
+
+    @property
+    def fraction(self) -> float | None:
+        if not self.total:
+            return None
+        return max(0.0, min(1.0, self.done / self.total))
+
+    def summary(self) -> str:
+        """One short human line: '412,000/1,000,000 answers, 118/s, ETA 1h23m'."""
+        done = f"{self.done:,.0f}" + (f"/{self.total:,.0f}" if self.total else "")
+        parts = [f"{done} {self.unit}"]
+        if self.rate is not None:
+            parts.append(f"{self.rate:,.1f}/s" if self.rate < 10 else f"{self.rate:,.0f}/s")
+        loss = self.details.get("loss")
+        if isinstance(loss, int | float):
+            parts.append(f"loss {loss:.3f}")
+        if self.eta_seconds is not None:
+            parts.append(f"ETA {format_duration(self.eta_seconds)}")
+        return ", ".join(parts)
+
+
+def format_duration(seconds: float) -> str:
+    """3h05m, 12m07s, 45s."""
+    hours, rest = divmod(round(seconds), 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
 class StorageSettings(ApiModel):
     """How workers reach the object store. Credentials come from AWS_* environment variables."""
 
@@ -72,7 +136,9 @@ class GenerateConfig(ApiModel):
         default=5.0, gt=0, description="... or once the oldest waiting answer is this old: what a SIGKILL can lose."
     )
     shard_records: int = Field(default=10000, ge=1, description="Most records per dataset shard.")
-    progress_seconds: float = Field(default=30.0, gt=0, description="Interval of progress log lines (no terminal).")
+    progress: ProgressTarget = Field(
+        default_factory=ProgressTarget, description="Where live progress goes (and the interval of its log lines)."
+    )
     backoff_initial_seconds: float = Field(default=1.0, gt=0, description="First retry backoff (doubles, full jitter).")
     backoff_max_seconds: float = Field(
         default=60.0, gt=0, description="Longest retry backoff (Retry-After may ask more)."
@@ -96,6 +162,7 @@ class TrainConfig(ApiModel):
         default=2, ge=1, le=100, description="Complete checkpoints kept under checkpoint_uri; older ones are deleted."
     )
     log_every_steps: int = Field(default=10, ge=1, description="Log loss, learning rate and tokens/s every N steps.")
+    progress: ProgressTarget = Field(default_factory=ProgressTarget, description="Where live progress goes.")
     work_dir: str = Field(default="/tmp/kubedistill", description="Local scratch directory.")
     storage: StorageSettings = Field(default_factory=StorageSettings)
 
@@ -111,6 +178,7 @@ class EvaluateConfig(ApiModel):
     report_uri: str = Field(description="Where report.json is written.")
     engine: Literal["vllm", "transformers"] = Field(default="vllm", description="How the student generates.")
     max_model_len: int | None = Field(default=None, ge=16, description="Context length vLLM allocates for.")
+    progress: ProgressTarget = Field(default_factory=ProgressTarget, description="Where live progress goes.")
     work_dir: str = Field(default="/tmp/kubedistill")
     storage: StorageSettings = Field(default_factory=StorageSettings)
 

@@ -28,13 +28,11 @@ import yaml
 from kubedistill.api.v1alpha1 import AdapterPoolSpec, StorageSpec
 from kubedistill.api.worker_config import CONFIG_DIR, AdapterEntry, AdapterSet, StorageSettings
 from kubedistill.builders import names
-from kubedistill.builders.resources import container_security_context, storage_env
+from kubedistill.builders.resources import api_token_mount, api_token_volume, container_security_context, storage_env
 from kubedistill.builders.settings import OperatorSettings
 
 ADAPTERS_DIR = "/adapters"
 ADAPTERS_CONFIG_DIR = f"{CONFIG_DIR}/adapters"
-TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
-TOKEN_SECONDS = 3600
 
 
 def adapter_revision(name: str, uri: str, digest: str | None) -> str:
@@ -146,7 +144,7 @@ def build_adapter_sync_container(storage: StorageSpec, settings: OperatorSetting
         "volumeMounts": [
             {"name": "adapters-config", "mountPath": ADAPTERS_CONFIG_DIR, "readOnly": True},
             {"name": "adapters", "mountPath": ADAPTERS_DIR},
-            {"name": "adapter-sync-token", "mountPath": TOKEN_DIR, "readOnly": True},
+            api_token_mount("adapter-sync-token"),
         ],
         "securityContext": container_security_context(settings),
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -155,13 +153,8 @@ def build_adapter_sync_container(storage: StorageSpec, settings: OperatorSetting
 
 def pool_volumes(pool: str) -> list[dict[str, Any]]:
     """The adapter set (live ConfigMap), the adapters' files, and a token for the sidecar alone."""
-    token_sources: list[dict[str, Any]] = [
-        {"serviceAccountToken": {"path": "token", "expirationSeconds": TOKEN_SECONDS}},
-        {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
-        {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}]}},
-    ]
     return [
         {"name": "adapters-config", "configMap": {"name": names.pool_adapters_config_name(pool)}},
         {"name": "adapters", "emptyDir": {}},
-        {"name": "adapter-sync-token", "projected": {"sources": token_sources}},
+        api_token_volume("adapter-sync-token"),
     ]

@@ -8,6 +8,9 @@ object                             name                              why
 stage Job                          ``<dj>-<stage>-<key8>[-r<n>]``    one Job per stage *input*
                                                                      (and group restart)
 stage config ConfigMap             same as its Job                   never changes under a pod
+progress ConfigMap                 ``<dj>-progress``                 stage pods write live progress
+stage pods' ServiceAccount         ``<dj>-worker``                   (unless the settings name one)
+its Role and RoleBinding           ``<dj>-progress-writer``          update that ConfigMap only
 rendezvous Service (nodes > 1)     same as its Job                   pods are ``<job>-<i>.<job>``
 DistilledModel                     ``spec.output.model.name``        chosen by the user
 =================================  ================================  ==========================
@@ -68,6 +71,7 @@ ADAPTERS_KEY: Final = "adapters.yaml"
 APP: Final = "kubedistill"
 MANAGED_BY: Final = "kubedistill"
 SERVING_COMPONENT: Final = "serving"
+PROGRESS_COMPONENT: Final = "progress"
 WORKER_CONTAINER: Final = "worker"
 VLLM_CONTAINER: Final = "vllm"
 FETCH_CONTAINER: Final = "fetch"
@@ -126,6 +130,33 @@ def rendezvous_service_name(job_name: str) -> str:
 def rendezvous_address(job_name: str) -> str:
     """torchrun's master address: the pod of completion index 0."""
     return f"{job_name}-0.{rendezvous_service_name(job_name)}"
+
+
+def progress_config_name(job: str) -> str:
+    """The ConfigMap the stage pods of DistillationJob ``job`` write their live progress to."""
+    return fit(job, "progress", 63)
+
+
+def worker_service_account_name(job: str) -> str:
+    """The ServiceAccount of ``job``'s stage pods (unless the settings name one): it may write progress only."""
+    return fit(job, "worker", 63)
+
+
+def progress_role_name(job: str) -> str:
+    """Role and RoleBinding that let the stage pods update the progress ConfigMap, and nothing else."""
+    return fit(job, "progress-writer", 63)
+
+
+def progress_labels(job: str) -> dict[str, str]:
+    """Labels of the progress ConfigMap and its RBAC (the operator watches ConfigMaps with these)."""
+    return {
+        LABEL_NAME: APP,
+        LABEL_INSTANCE: label_value(job),
+        LABEL_COMPONENT: PROGRESS_COMPONENT,
+        LABEL_PART_OF: APP,
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_JOB: label_value(job),
+    }
 
 
 def job_labels(job: str, stage: str, run_id: str, key: str, attempt: int = 0) -> dict[str, str]:

@@ -80,3 +80,24 @@ SHM_MOUNT: dict[str, Any] = {"name": "dshm", "mountPath": "/dev/shm"}
 
 def image_pull_secrets(settings: OperatorSettings) -> list[dict[str, str]]:
     return [{"name": name} for name in settings.image_pull_secrets]
+
+
+# The pod's ServiceAccount token, projected into one container only (pods set
+# automountServiceAccountToken: false): the worker that reports progress, the adapter sidecar.
+# Mounted where in-cluster clients look for it.
+API_TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+API_TOKEN_SECONDS = 3600  # the kubelet refreshes it before it expires
+
+
+def api_token_volume(name: str) -> dict[str, Any]:
+    """A projected volume with the pod's token, the cluster CA and the namespace."""
+    sources: list[dict[str, Any]] = [
+        {"serviceAccountToken": {"path": "token", "expirationSeconds": API_TOKEN_SECONDS}},
+        {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+        {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}]}},
+    ]
+    return {"name": name, "projected": {"sources": sources}}
+
+
+def api_token_mount(name: str) -> dict[str, Any]:
+    return {"name": name, "mountPath": API_TOKEN_DIR, "readOnly": True}

@@ -145,6 +145,21 @@ class ReconcileSettings(ApiModel):
     request_timeout_seconds: float = Field(default=30, gt=0, description="Timeout of one API request.")
 
 
+class ProgressSettings(ApiModel):
+    """Live progress of running stages (the Progress column of kubectl get dj)."""
+
+    report_seconds: float = Field(
+        default=30, ge=5, le=3600, description="How often a running stage pod reports its progress."
+    )
+    status_seconds: float = Field(
+        default=30,
+        ge=5,
+        le=3600,
+        description="Least seconds between two progress updates of one DistillationJob's status "
+        "(what 1,000 running jobs cost the API server).",
+    )
+
+
 class OperatorSettings(ApiModel):
     """Everything the operator needs to know about the cluster it runs in."""
 
@@ -166,6 +181,7 @@ class OperatorSettings(ApiModel):
     jobs: JobSettings = Field(default_factory=JobSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
     reconcile: ReconcileSettings = Field(default_factory=ReconcileSettings)
+    progress: ProgressSettings = Field(default_factory=ProgressSettings)
     pod_annotations: dict[str, str] = Field(default_factory=dict, description="Annotations on every pod created.")
     stage_pod_annotations: dict[StageName, dict[str, str]] = Field(
         default_factory=dict, description="Extra annotations on one stage's pods, e.g. train: {...}."

@@ -25,13 +25,17 @@ from kubedistill.api.worker_config import (
     TERMINATION_LOG,
     EvaluateConfig,
     GenerateConfig,
+    ProgressTarget,
     StorageSettings,
     TrainConfig,
 )
 from kubedistill.builders import names
 from kubedistill.builders.plan import RunPlan, Stage
+from kubedistill.builders.progress import worker_service_account
 from kubedistill.builders.resources import (
     SHM_MOUNT,
+    api_token_mount,
+    api_token_volume,
     container_security_context,
     image_pull_secrets,
     pod_security_context,
@@ -45,6 +49,7 @@ from kubedistill.builders.settings import OperatorSettings
 PROMPTS_DIR = "/var/run/kubedistill/prompts"
 SCRATCH_DIR = "/tmp/kubedistill"  # the workers' default workDir
 TRAIN_GRACE_SECONDS = 300  # time to write a checkpoint after SIGTERM
+WORKER_TOKEN_VOLUME = "api-token"
 GRACE_SECONDS = 30  # the other stages: drain requests in flight, store answers (Kubernetes' default)
 
 
@@ -128,13 +133,27 @@ def build_evaluate_config(plan: RunPlan, settings: OperatorSettings) -> Evaluate
     )
 
 
+def build_progress_target(plan: RunPlan, stage: Stage, settings: OperatorSettings) -> ProgressTarget:
+    """Where the stage's pod reports progress: the DistillationJob's progress ConfigMap, as this Job."""
+    return ProgressTarget(
+        config_map=names.progress_config_name(plan.name),
+        namespace=plan.namespace,
+        job=plan.job_name(stage),
+        interval_seconds=settings.progress.report_seconds,
+    )
+
+
 def build_stage_config(plan: RunPlan, stage: Stage, settings: OperatorSettings) -> dict[str, Any]:
     """The worker config of one stage, as the YAML file holds it (camelCase)."""
+    config: GenerateConfig | TrainConfig | EvaluateConfig
     if stage == "generate":
-        return build_generate_config(plan).to_wire()
-    if stage == "train":
-        return build_train_config(plan).to_wire()
-    return build_evaluate_config(plan, settings).to_wire()
+        config = build_generate_config(plan)
+    elif stage == "train":
+        config = build_train_config(plan)
+    else:
+        config = build_evaluate_config(plan, settings)
+    config.progress = build_progress_target(plan, stage, settings)
+    return config.to_wire()
 
 
 def build_stage_config_map(plan: RunPlan, stage: Stage, settings: OperatorSettings) -> dict[str, Any]:
@@ -302,6 +321,8 @@ def _volumes(plan: RunPlan, stage: Stage, placement: Placement) -> tuple[list[di
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "scratch", "mountPath": SCRATCH_DIR},
     ]
+    volumes.append(api_token_volume(WORKER_TOKEN_VOLUME))
+    mounts.append(api_token_mount(WORKER_TOKEN_VOLUME))
     if placement.shm:
         volumes.append(shm_volume(placement.shm))
         mounts.append(dict(SHM_MOUNT))
@@ -391,8 +412,8 @@ def build_stage_job(plan: RunPlan, stage: Stage, settings: OperatorSettings) -> 
         "containers": [container],
         "volumes": volumes,
     }
-    if settings.service_account_name:
-        pod_spec["serviceAccountName"] = settings.service_account_name
+    # Its token reaches the worker container alone, for one right: updating the progress ConfigMap.
+    pod_spec["serviceAccountName"] = worker_service_account(plan, settings)
     if placement.node_selector:
         pod_spec["nodeSelector"] = placement.node_selector
     if placement.tolerations:

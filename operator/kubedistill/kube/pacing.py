@@ -32,7 +32,8 @@ class Priority(IntEnum):
 
     CHILD_EVENT = 0  # a child (stage Job, Deployment) changed: a run waits on the reaction
     FIRST = 1  # create, update or resume of the resource itself (kopf handlers)
-    RESYNC = 2  # the safety-net pass over runs in flight
+    PROGRESS = 2  # a running stage reported progress: worth showing, never worth delaying work for
+    RESYNC = 3  # the safety-net pass over runs in flight
 
 
 reconcile_priority: ContextVar[Priority] = ContextVar("reconcile_priority", default=Priority.FIRST)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from kubedistill.api.dataset import DatasetCounts, DatasetRecord, Message, Split
 from kubedistill.api.v1alpha1 import StudentSpec
-from kubedistill.api.worker_config import TrainConfig
+from kubedistill.api.worker_config import ProgressTarget, TrainConfig
 from kubedistill.local.runner import LocalOptions, LocalRun, localise, run_local, run_worker
 from kubedistill.local.tiny_model import build_tiny_chat_model
 from kubedistill.storage.objectstore import LocalStore
@@ -128,6 +128,7 @@ def train_teacher(root: Path, options: LocalOptions, echo: Callable[[str], None]
         output_uri=str(teacher),
         checkpoint_uri=str(root / "checkpoints" / "teacher"),
         work_dir=str(work / "scratch"),
+        progress=ProgressTarget(file=str(work / "train.progress.json"), interval_seconds=options.progress_seconds),
     )
     echo(f"  teacher   training the demo teacher on ground truth (once; log: {work / 'train.log'})")
     result = run_worker("train", config.to_wire(), work, options)

@@ -48,6 +48,7 @@ from kubedistill.builders.plan import STAGES, RunPlan, Stage
 from kubedistill.builders.settings import OperatorSettings
 from kubedistill.builders.stages import build_stage_config
 from kubedistill.local import serve
+from kubedistill.local.live import LiveProgress
 from kubedistill.local.processes import die_with_parent, terminate
 from kubedistill.reconcile.keys import compute_stage_keys
 
@@ -90,6 +91,7 @@ class LocalOptions:
     evaluate_engine: Literal["vllm", "transformers"] = "vllm"
     python: str = sys.executable
     echo: Callable[[str], None] = field(default=print)
+    progress_seconds: float = 5.0  # how often a running stage reports (its live line)
 
 
 @dataclass
@@ -172,6 +174,9 @@ def stage_configs(
     configs["evaluate"]["engine"] = options.evaluate_engine
     for stage in STAGES:
         configs[stage]["workDir"] = str(run_dir / "work" / stage)
+        # Progress goes to a file the runner shows live, instead of the DistillationJob's ConfigMap.
+        progress = {"file": str(run_dir / f"{stage}.progress.json"), "intervalSeconds": options.progress_seconds}
+        configs[stage]["progress"] = progress
     return {stage: localise(config, options.storage_root) for stage, config in configs.items()}
 
 
@@ -193,6 +198,10 @@ def run_worker(stage: str, config: Mapping[str, Any], run_dir: Path, options: Lo
     termination_log.unlink(missing_ok=True)
     log_path = run_dir / f"{stage}.log"
     argv = [options.python, "-m", "kubedistill.worker", stage, "--config", str(config_path)]
+    progress_file = (config.get("progress") or {}).get("file")
+    if progress_file:
+        Path(progress_file).unlink(missing_ok=True)
+    live = LiveProgress(Path(progress_file) if progress_file else None, stage, options.echo)
     with log_path.open("ab") as out:
         proc = subprocess.Popen(
             argv,
@@ -203,7 +212,7 @@ def run_worker(stage: str, config: Mapping[str, Any], run_dir: Path, options: Lo
             preexec_fn=die_with_parent,
         )
         try:
-            code = proc.wait()
+            code = _wait_showing_progress(proc, live)
         finally:
             # Stopped (SIGTERM/SIGHUP), Ctrl-C or a bug here: the worker gets its SIGTERM, as a pod
             # would, saves what it must, and is killed if it takes longer than a pod's grace.
@@ -216,6 +225,18 @@ def run_worker(stage: str, config: Mapping[str, Any], run_dir: Path, options: Lo
     except ValueError as err:
         raise StageFailed(stage, code, f"unreadable result {message!r}", log_path) from err
     return result
+
+
+def _wait_showing_progress(proc: subprocess.Popen[bytes], live: LiveProgress) -> int:
+    """The worker's exit code; meanwhile its progress reports, as they come."""
+    try:
+        while True:
+            try:
+                return proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                live.poll()
+    finally:
+        live.close()
 
 
 def run_stage(

@@ -36,8 +36,17 @@ from kubedistill.api.v1alpha1 import (
     StagesStatus,
     StageStatus,
 )
-from kubedistill.api.worker_config import EXIT_FAILED, TERMINATION_LOG, EvaluateResult, GenerateResult, TrainResult
+from kubedistill.api.worker_config import (
+    EXIT_FAILED,
+    TERMINATION_LOG,
+    EvaluateResult,
+    GenerateResult,
+    StageProgress,
+    TrainResult,
+    format_duration,
+)
 from kubedistill.builders.plan import STAGES, RunPlan, Stage
+from kubedistill.builders.progress import build_progress_children
 from kubedistill.builders.publish import build_distilled_model
 from kubedistill.builders.settings import OperatorSettings
 from kubedistill.builders.stages import build_stage_children
@@ -67,6 +76,8 @@ class JobObservation:
     jobs: Mapping[str, ObservedJob]  # its stage Jobs (owned by it), by name
     terminations: Mapping[str, Termination | None] = field(default_factory=dict)  # fetched, by Job name
     model: ModelObservation | None = None  # None: not looked up
+    progress: Mapping[str, StageProgress] = field(default_factory=dict)  # the latest report of each stage
+    progress_ready: bool = True  # False: the progress ConfigMap (and its writers' RBAC) is missing
 
 
 @dataclass(frozen=True)
@@ -231,7 +242,9 @@ def _walk_stages(
             continue
 
         if job.phase in (StagePhase.PENDING, StagePhase.RUNNING):
-            walk.stages[stage] = StageStatus(job=name, phase=job.phase, start_time=job.start_time)
+            walk.stages[stage] = _with_progress(
+                StageStatus(job=name, phase=job.phase, start_time=job.start_time), obs.progress.get(stage)
+            )
             if job.phase == StagePhase.RUNNING:
                 cond(stage, False, Reason.STAGE_RUNNING, f"Job {name} is running")
             else:
@@ -300,6 +313,33 @@ def _walk_stages(
     return walk
 
 
+def _with_progress(status: StageStatus, report: StageProgress | None) -> StageStatus:
+    """A running stage's status with its pod's latest report (a report of another Job is stale: ignored)."""
+    if report is None or report.job != status.job:
+        return status
+    return status.model_copy(
+        update={
+            "progress": report.fraction,
+            "progress_message": clip(report.summary(), 256),
+            "progress_time": report.updated_at,
+        }
+    )
+
+
+def progress_line(
+    stages: Mapping[Stage, StageStatus | None], blocked_at: Stage | None, reports: Mapping[str, StageProgress]
+) -> str | None:
+    """The Progress column: the stage in flight, its percentage and ETA ('train 41%, ETA 12m07s')."""
+    status = stages.get(blocked_at) if blocked_at is not None else None
+    if blocked_at is None or status is None or status.phase not in (StagePhase.PENDING, StagePhase.RUNNING):
+        return None
+    report = reports.get(blocked_at)
+    if report is None or report.job != status.job:
+        return f"{blocked_at} {status.phase.value.lower()}"
+    line = blocked_at if report.fraction is None else f"{blocked_at} {report.fraction:.0%}"
+    return line if report.eta_seconds is None else f"{line}, ETA {format_duration(report.eta_seconds)}"
+
+
 def _restartable(termination: Termination | None) -> bool:
     """A rank lost to preemption, a node or a crash: worth a restart. A worker error (exit 1) is not."""
     return termination is None or termination.exit_code != EXIT_FAILED
@@ -360,6 +400,8 @@ def compute_job_decision(
     new_run = old.run_id != plan.run_id
     generation = dj.metadata.generation
     decision = JobDecision(status=old)
+    if not obs.progress_ready:
+        decision.create.extend(build_progress_children(plan, settings))
     plan = _current_attempts(plan, obs)
     walk = _walk_stages(dj, plan, settings, obs, now, decision)
     _count_restarts(plan, walk)
@@ -435,6 +477,7 @@ def compute_job_decision(
         run_id=plan.run_id,
         start_time=old.start_time if (not new_run and old.start_time) else now,
         completion_time=completion,
+        progress=progress_line(walk.stages, walk.blocked_at, obs.progress) if walk.failure is None else None,
         teacher=dj.spec.teacher.model_name,
         student=dj.spec.student.model,
         stages=StagesStatus(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from pydantic import ValidationError
@@ -35,7 +35,7 @@ from kubedistill.reconcile.distillation import (
     compute_job_decision,
 )
 from kubedistill.reconcile.keys import compute_stage_keys
-from kubedistill.reconcile.observe import ObservedJob, Termination, observe_job, pick_termination
+from kubedistill.reconcile.observe import ObservedJob, Termination, observe_job, parse_progress, pick_termination
 from kubedistill.reconcile.serving import ModelObservations, compute_model_decision
 from kubedistill.reconcile.serving_io import decide_adapter, observe_serving
 from kubedistill.reconcile.status import WARNING, EventSpec, apply_conditions, clip, condition, merge_patch
@@ -149,16 +149,37 @@ async def _observe_model(cluster: Cluster, namespace: str, name: str) -> ModelOb
     return ModelObservation(exists=True, published_by=labels.get(names.LABEL_PUBLISHED_BY))
 
 
+@dataclass(frozen=True)
+class ProgressSeen:
+    """The DistillationJob's progress ConfigMap as a watch cache holds it."""
+
+    exists: bool
+    data: Mapping[str, Any]
+
+
+async def _observe_progress(cluster: Cluster, dj: DistillationJob, seen: ProgressSeen | None) -> ProgressSeen:
+    if seen is not None:
+        return seen
+    config_map = await cluster.get(
+        "v1", "ConfigMap", dj.metadata.namespace or "", names.progress_config_name(dj.metadata.name or "")
+    )
+    return ProgressSeen(exists=config_map is not None, data=(config_map or {}).get("data") or {})
+
+
 async def decide_distillation_job(
     cluster: Cluster,
     settings: OperatorSettings,
     dj: DistillationJob,
     jobs: Iterable[Mapping[str, Any]] | None = None,
+    progress: ProgressSeen | None = None,
 ) -> JobDecision:
     """Observe, decide, and observe again whatever the decision needs, until it is complete."""
     plan = RunPlan(job=dj, keys=compute_stage_keys(dj.spec))
     namespace = plan.namespace
-    obs = JobObservation(jobs=await _observe_jobs(cluster, dj, jobs))
+    seen = await _observe_progress(cluster, dj, progress)
+    obs = JobObservation(
+        jobs=await _observe_jobs(cluster, dj, jobs), progress=parse_progress(seen.data), progress_ready=seen.exists
+    )
     terminations: dict[str, Termination | None] = {}
     model: ModelObservation | None = None
     for _ in range(MAX_PASSES):
@@ -169,7 +190,7 @@ async def decide_distillation_job(
             terminations[name] = await _termination(cluster, namespace, obs.jobs[name])
         if decision.need_model:
             model = await _observe_model(cluster, namespace, dj.spec.output.model.name)
-        obs = JobObservation(jobs=obs.jobs, terminations=dict(terminations), model=model)
+        obs = replace(obs, terminations=dict(terminations), model=model)
     raise RuntimeError(f"DistillationJob {namespace}/{dj.metadata.name}: the decision did not settle")
 
 
@@ -179,8 +200,10 @@ async def reconcile_distillation_job(
     namespace: str,
     name: str,
     jobs: Iterable[Mapping[str, Any]] | None = None,
+    progress: ProgressSeen | None = None,
 ) -> Outcome:
-    """One level-based pass over a DistillationJob. ``jobs``: its Jobs from a watch cache, if the caller has one.
+    """One level-based pass over a DistillationJob. ``jobs`` (its Jobs) and ``progress`` (its progress
+    ConfigMap) come from watch caches when the caller has them; else they are read.
 
     Raises InvalidSpec for a spec the operator refuses (after recording why in the status).
     """
@@ -194,7 +217,7 @@ async def reconcile_distillation_job(
         await _invalid_job(cluster, raw, message)
         raise InvalidSpec(message) from err
 
-    decision = await decide_distillation_job(cluster, settings, dj, jobs)
+    decision = await decide_distillation_job(cluster, settings, dj, jobs, progress)
     for child in decision.create:
         created = await cluster.create(child)
         if created:

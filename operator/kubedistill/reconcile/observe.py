@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from kubedistill.api.conditions import StagePhase
-from kubedistill.api.worker_config import EvaluateResult, GenerateResult, TrainResult
+from kubedistill.api.worker_config import EvaluateResult, GenerateResult, StageProgress, TrainResult
 from kubedistill.builders import names
 
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
@@ -187,3 +187,16 @@ def parse_result(stage: str, message: str | None) -> BaseModel | None:
         return model.model_validate(data)
     except ValidationError:
         return None
+
+
+def parse_progress(data: Mapping[str, Any] | None) -> dict[str, StageProgress]:
+    """The progress ConfigMap's reports by stage; a key that does not parse is ignored (a worker's bug)."""
+    reports: dict[str, StageProgress] = {}
+    for stage, text in (data or {}).items():
+        try:
+            report = StageProgress.model_validate_json(str(text))
+        except ValidationError:
+            continue
+        if report.stage == stage:
+            reports[stage] = report
+    return reports

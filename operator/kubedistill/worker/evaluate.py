@@ -26,6 +26,7 @@ from kubedistill.storage.datasets import DatasetError, load_records
 from kubedistill.storage.objectstore import ObjectStore, StorageError, download_prefix, is_s3, join, open_store
 from kubedistill.worker import metrics
 from kubedistill.worker.common import WorkerError
+from kubedistill.worker.report import ProgressReporter
 
 CONFIG = EvaluateConfig
 log = logging.getLogger("kubedistill.worker.evaluate")
@@ -40,9 +41,12 @@ def main(config: EvaluateConfig) -> dict[str, Any]:
     log.info("evaluating on %d records (%d distinct prompts)", len(records), len(conversations))
 
     model_dir = resolve_model(config)
+    reporter = ProgressReporter(config.progress, "evaluate", "examples", total=len(conversations))
     started = time.monotonic()
-    answers = generate_answers(config, model_dir, list(conversations.values()))
+    answers = generate_answers(config, model_dir, list(conversations.values()), reporter)
     seconds = time.monotonic() - started
+    reporter.update(len(answers), force=True)
+    reporter.finish()
     answer_by_prompt = dict(zip(conversations, answers, strict=True))
 
     examples = score_records(config, records, answer_by_prompt)
@@ -141,13 +145,23 @@ def resolve_model(config: EvaluateConfig) -> Path:
     return dest
 
 
-def generate_answers(config: EvaluateConfig, model_dir: Path, conversations: list[Conversation]) -> list[str]:
+def generate_answers(
+    config: EvaluateConfig, model_dir: Path, conversations: list[Conversation], reporter: ProgressReporter | None = None
+) -> list[str]:
+    reporter = reporter or ProgressReporter(None, "evaluate", "examples", total=len(conversations))
     if config.engine == "vllm":
-        return generate_with_vllm(config, model_dir, conversations)
-    return generate_with_transformers(config, model_dir, conversations)
+        return generate_with_vllm(config, model_dir, conversations, reporter)
+    return generate_with_transformers(config, model_dir, conversations, reporter)
 
 
-def generate_with_vllm(config: EvaluateConfig, model_dir: Path, conversations: list[Conversation]) -> list[str]:
+# vLLM answers in chunks of at least this many prompts (and about ten chunks), so progress moves
+# while its scheduler still gets full batches.
+MIN_CHUNK = 32
+
+
+def generate_with_vllm(
+    config: EvaluateConfig, model_dir: Path, conversations: list[Conversation], reporter: ProgressReporter
+) -> list[str]:
     from vllm import LLM, SamplingParams
 
     sampling = config.sampling
@@ -169,8 +183,14 @@ def generate_with_vllm(config: EvaluateConfig, model_dir: Path, conversations: l
         llm = LLM(model=config.base_model, **engine_args)
     else:
         llm = LLM(model=str(model_dir), **engine_args)
-    outputs = llm.chat(conversations, params, lora_request=lora_request, use_tqdm=False)  # type: ignore[arg-type]
-    return [output.outputs[0].text for output in outputs]
+    chunk = max(MIN_CHUNK, -(-len(conversations) // 10))
+    answers: list[str] = []
+    for start in range(0, len(conversations), chunk):
+        part = conversations[start : start + chunk]
+        outputs = llm.chat(part, params, lora_request=lora_request, use_tqdm=False)  # type: ignore[arg-type]
+        answers += [output.outputs[0].text for output in outputs]
+        reporter.update(len(answers))
+    return answers
 
 
 def adapter_rank(model_dir: Path) -> int:
@@ -179,7 +199,9 @@ def adapter_rank(model_dir: Path) -> int:
     return next(size for size in (8, 16, 32, 64, 128, 256, 320, 512) if size >= rank)
 
 
-def generate_with_transformers(config: EvaluateConfig, model_dir: Path, conversations: list[Conversation]) -> list[str]:
+def generate_with_transformers(
+    config: EvaluateConfig, model_dir: Path, conversations: list[Conversation], reporter: ProgressReporter
+) -> list[str]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -210,4 +232,5 @@ def generate_with_transformers(config: EvaluateConfig, model_dir: Path, conversa
                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
             )
         answers.append(str(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)))
+        reporter.update(len(answers))
     return answers

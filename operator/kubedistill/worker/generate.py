@@ -206,7 +206,7 @@ def ask_offline(
     assert spec is not None
     failures: list[Failure] = []
     prompts_by_item: dict[int, Prompt] = {}
-    progress = Progress(plan.to_ask, interval=config.progress_seconds, label=spec.model)
+    progress = Progress(plan.to_ask, config.progress, label=spec.model, reused=plan.stored)
 
     def items() -> Iterator[OfflineItem]:
         for prompt, keys in missing_work(sources, options, answers):

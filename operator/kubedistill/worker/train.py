@@ -368,7 +368,7 @@ class TrainRun:
 
             peft_config = LoraConfig(**lora_arguments(self.student.lora))
         checkpoint_cb = CheckpointCallback(checkpoints, self.preemption)
-        progress_cb = ProgressCallback()
+        progress_cb = ProgressCallback(self.config.progress, checkpoint_cb)
         try:
             trainer = SFTTrainer(
                 model=model,

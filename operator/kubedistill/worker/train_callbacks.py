@@ -20,8 +20,10 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from kubedistill.api.worker_config import ProgressTarget
 from kubedistill.worker import train_dist
 from kubedistill.worker.common import Preempted, on_sigterm
+from kubedistill.worker.report import ProgressReporter
 from kubedistill.worker.train_checkpoint import CheckpointStore
 
 log = logging.getLogger("kubedistill.worker.train")
@@ -110,14 +112,45 @@ class CheckpointCallback(TrainerCallback):
 
 
 class ProgressCallback(TrainerCallback):
-    """One log line per logging step: step, loss, learning rate, tokens/s (rank 0 only)."""
+    """One log line per logging step (step, loss, learning rate, tokens/s) and live progress reports.
 
-    def __init__(self) -> None:
+    Rank 0 alone speaks: the reports (worker/report.py) say step / steps, epoch, the latest
+    loss, tokens/s, the last uploaded checkpoint and the ETA.
+    """
+
+    def __init__(self, target: ProgressTarget | None = None, checkpoints: CheckpointCallback | None = None) -> None:
         self.started = time.monotonic()
         self._last_time = self.started
         self._last_tokens = 0.0
+        self.tokens_per_second: float | None = None
         self.last_logs: dict[str, float] = {}
         self.start_step = 0
+        self.reporter = ProgressReporter(target, "train", "steps")
+        self.checkpoints = checkpoints
+
+    def _report(self, state: TrainerState, force: bool = False) -> None:
+        if not state.is_world_process_zero:
+            return
+        uploaded = self.checkpoints.last_uploaded if self.checkpoints is not None else None
+        self.reporter.update(
+            state.global_step,
+            total=state.max_steps or None,
+            force=force,
+            epoch=round(state.epoch or 0.0, 3),
+            loss=self.last_logs.get("loss"),
+            tokensPerSecond=None if self.tokens_per_second is None else round(self.tokens_per_second, 1),
+            checkpointStep=uploaded[0] if uploaded else None,
+        )
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._report(state)
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._report(state, force=True)
+        if state.is_world_process_zero:
+            self.reporter.finish()
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -149,6 +182,7 @@ class ProgressCallback(TrainerCallback):
         elapsed = max(now - self._last_time, 1e-9)
         rate = (tokens - self._last_tokens) / elapsed
         self._last_time, self._last_tokens = now, tokens
+        self.tokens_per_second = rate
         if state.is_world_process_zero:
             log.info(
                 "train step %d/%d epoch %.2f loss %.4f lr %.3g grad_norm %.3g tokens/s %.0f token_accuracy %.3f",

@@ -95,7 +95,7 @@ class EndpointPass:
         self.concurrency = max(1, min(spec.max_concurrency, plan.prompts_to_ask))
         self.failures: list[Failure] = []
         self.in_flight = 0
-        self.progress = Progress(plan.to_ask, interval=config.progress_seconds, label=spec.model)
+        self.progress = Progress(plan.to_ask, config.progress, label=spec.model, reused=plan.stored)
         # Created in run(): asyncio primitives belong to the running loop.
         self.queue: asyncio.Queue[Entry | None]
         self.stop: asyncio.Event  # SIGTERM: ask nothing new
@@ -246,7 +246,12 @@ class EndpointPass:
                 return
             if self.answers.flush_due():
                 await self.answers.aflush()
-            self.progress.maybe_log(retries=self.client.stats.retries, stored=self.answers.stats.answers_written)
+            calls = self.client.stats
+            self.progress.maybe_log(
+                retries=calls.retries,
+                stored=self.answers.stats.answers_written,
+                teacher_tokens=calls.prompt_tokens + calls.completion_tokens,
+            )
 
 
 def _install_sigterm(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> bool:

@@ -1,4 +1,10 @@
-"""Progress: a tqdm bar in a terminal, periodic key=value log lines otherwise (pod logs)."""
+"""generate's progress: a tqdm bar in a terminal, key=value log lines otherwise, and live reports.
+
+Counts answers done and failed out of the answers to ask; every ``intervalSeconds`` a log line
+(pod logs) and a ``StageProgress`` report (worker/report.py: the DistillationJob's status,
+local mode's live line) with the answers reused from the store, the retries and the teacher
+tokens so far.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +13,32 @@ import sys
 import time
 from typing import IO, Any
 
+from kubedistill.api.worker_config import ProgressTarget, format_duration
+from kubedistill.worker.report import ProgressReporter
+
 log = logging.getLogger("kubedistill.worker.generate")
 
 
 class Progress:
     """Counts answers done/failed out of ``total`` and reports them."""
 
-    def __init__(self, total: int, *, interval: float = 30.0, stream: IO[str] | None = None, label: str = "teacher"):
+    def __init__(
+        self,
+        total: int,
+        target: ProgressTarget | None = None,
+        *,
+        stream: IO[str] | None = None,
+        label: str = "teacher",
+        reused: int = 0,
+    ):
         self.total = total
         self.done = 0
         self.failed = 0
-        self.interval = interval
+        self.reused = reused
+        self.target = target or ProgressTarget()
         self.label = label
+        self.reporter = ProgressReporter(self.target, "generate", "answers", total=total)
+        self.extra: dict[str, Any] = {}
         self._start = time.monotonic()
         self._last_log = self._start
         stream = stream if stream is not None else sys.stderr
@@ -28,6 +48,10 @@ class Progress:
 
             self._bar = tqdm(total=total, desc=label, unit="ans", file=stream, dynamic_ncols=True)
 
+    @property
+    def interval(self) -> float:
+        return self.target.interval_seconds
+
     def update(self, done: int = 0, failed: int = 0, **extra: Any) -> None:
         self.done += done
         self.failed += failed
@@ -35,14 +59,25 @@ class Progress:
             self._bar.update(done + failed)
             if self.failed:
                 self._bar.set_postfix(failed=self.failed, refresh=False)
-        else:
-            self.maybe_log(**extra)
+        self.maybe_log(**extra)
 
     def maybe_log(self, **extra: Any) -> None:
+        self.extra.update(extra)
+        self._report()
         now = time.monotonic()
         if self._bar is None and now - self._last_log >= self.interval:
             self._last_log = now
-            self.log_line(**extra)
+            self.log_line()
+
+    def _report(self, force: bool = False) -> None:
+        self.reporter.update(
+            self.done + self.failed,
+            force=force,
+            failed=self.failed,
+            reused=self.reused,
+            retries=self.extra.get("retries"),
+            teacherTokens=self.extra.get("teacher_tokens"),
+        )
 
     def log_line(self, **extra: Any) -> None:
         elapsed = time.monotonic() - self._start
@@ -57,7 +92,8 @@ class Progress:
             "total": self.total,
             "rate": f"{rate:.2f}/s",
             "elapsed": f"{elapsed:.0f}s",
-            "eta": "-" if eta is None else f"{eta:.0f}s",
+            "eta": "-" if eta is None else format_duration(eta),
+            **self.extra,
             **extra,
         }
         log.info("progress %s", " ".join(f"{k}={v}" for k, v in fields.items()))
@@ -67,6 +103,8 @@ class Progress:
             self._bar.close()
         else:
             self.log_line()
+        self._report(force=True)
+        self.reporter.finish()
 
 
 def _isatty(stream: IO[str]) -> bool:
