@@ -82,7 +82,7 @@ def test_server_applies_the_model_defaults(crds: Cluster, namespace: str) -> Non
         "agreementMetric": "tokenF1",
         "minTeacherAgreement": 0.95,
     }
-    assert spec["resources"] == {"nodes": 1}  # the rest stays unset: the operator's defaults apply
+    assert spec["resources"] == {"nodes": 1, "maxRestarts": 3}  # the rest stays unset: the operator's defaults apply
     assert spec["teacher"]["endpoint"]["maxConcurrency"] == 32
     # pydantic, given what the server stored, agrees on every value
     assert DistillationJob.model_validate(job).spec == DistillationJob.model_validate(valid_job()).spec
@@ -126,7 +126,7 @@ def test_status_subresource_takes_the_operator_status(crds: Cluster, namespace: 
     assert stored["metadata"]["generation"] == 1  # status writes do not bump the generation
     assert DistillationJob.model_validate(stored).status == status
     table = crds.kubectl("get", "dj", "-n", namespace).stdout.split("\n")
-    assert table[0].split() == ["NAME", "PHASE", "TEACHER", "STUDENT", "AGREEMENT", "AGE"]
+    assert table[0].split() == ["NAME", "PHASE", "PROGRESS", "TEACHER", "STUDENT", "AGREEMENT", "AGE"]
     assert table[1].split()[:5] == ["demo", "Succeeded", "big", "Qwen/Qwen2.5-0.5B-Instruct", "0.971"]
     # the status has a schema: a phase outside the enum is refused too
     bad = _kubectl(

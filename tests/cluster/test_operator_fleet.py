@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.support import operator_proc
 from tests.support.cluster import ANN_EXIT_CODE, ANN_HOLD, ANN_MESSAGE, Cluster, wait_for
@@ -106,8 +107,10 @@ def test_a_rank_failure_restarts_the_whole_group_from_the_checkpoint(
     wait_for(lambda: len(running_pods(run, "train", second)) == 2, timeout=60, what="both ranks of attempt 1")
     old_job = run.batch.read_namespaced_job(first, namespace)
     assert any(c.type == "Failed" and c.status == "True" for c in old_job.status.conditions or [])
-    config = {c.metadata.name: c.data for c in run.core.list_namespaced_config_map(namespace).items}
-    assert config[first]["train.yaml"] == config[second]["train.yaml"]  # same checkpointUri: resume, not redo
+    train_configs = run.core.list_namespaced_config_map(namespace, label_selector="kubedistill.io/stage=train")
+    config = {c.metadata.name: yaml.safe_load(c.data["train.yaml"]) for c in train_configs.items}
+    assert config[first]["checkpointUri"] == config[second]["checkpointUri"]  # resume, not redo
+    assert (config[first]["progress"]["job"], config[second]["progress"]["job"]) == (first, second)
     assert run.core.read_namespaced_service(second, namespace).spec.selector["kubedistill.io/attempt"] == "1"
 
     for pod in running_pods(run, "train", second):
@@ -127,7 +130,7 @@ def test_a_second_replica_takes_over_a_run_in_flight_when_the_leader_dies(
     standby = start_operator(stages, args=lease, ready=False)
     assert leader.ready() and not standby.ready()
 
-    run = Run(cluster, namespace, "failover", leader).apply(distillation_job("failover"))
+    run = Run(cluster, namespace, "failover", leader).apply(distillation_job("failover", gpus_per_node=1))
     status = run.wait(lambda s: (s.get("stages") or {}).get("train", {}).get("phase") == "Running", "train running")
     train_job = status["stages"]["train"]["job"]
 

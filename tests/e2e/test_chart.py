@@ -384,7 +384,10 @@ def test_install_runs_under_restricted_and_uninstall_keeps_the_crds(
     for verb, resource in [
         ("get", "secrets"), ("list", "secrets"), ("create", "pods"), ("delete", "namespaces"),
         ("list", "namespaces"), ("update", "deployments.apps"), ("delete", "deployments.apps"),
-        ("create", "roles.rbac.authorization.k8s.io"), ("create", "customresourcedefinitions.apiextensions.k8s.io"),
+        # It creates Roles (adapter sidecars, progress writers), never beyond its own rights.
+        ("escalate", "roles.rbac.authorization.k8s.io"), ("bind", "roles.rbac.authorization.k8s.io"),
+        ("create", "clusterroles.rbac.authorization.k8s.io"),
+        ("create", "customresourcedefinitions.apiextensions.k8s.io"),
         ("update", "distillationjobs.kubedistill.io"), ("delete", "distillationjobs.kubedistill.io"),
         ("create", "leases.coordination.k8s.io"),
     ]:  # fmt: skip
