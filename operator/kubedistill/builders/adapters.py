@@ -141,7 +141,13 @@ def build_adapter_sync_container(storage: StorageSpec, settings: OperatorSetting
             *storage_env(storage),
         ],
         "ports": [{"name": "adapter-sync", "containerPort": port, "protocol": "TCP"}],
-        "readinessProbe": {"httpGet": {"path": "/ready", "port": port}, "periodSeconds": 5, "failureThreshold": 1},
+        # /ready asks vLLM what it holds: allow for a busy server (the kubelet's default timeout is 1 s).
+        "readinessProbe": {
+            "httpGet": {"path": "/ready", "port": port},
+            "periodSeconds": 5,
+            "timeoutSeconds": 5,
+            "failureThreshold": 2,
+        },
         "resources": {"requests": {"cpu": "100m", "memory": "512Mi"}, "limits": {"memory": "512Mi"}},
         "volumeMounts": [
             {"name": "adapters-config", "mountPath": ADAPTERS_CONFIG_DIR, "readOnly": True},
