@@ -7,10 +7,11 @@ and its adapter DistilledModels), copied into each replica with a stagger of up 
 pod's kubelet refreshes its volume on its own schedule. The adapters are peft LoRA adapters of
 the base (random weights: what is under test is which one each replica holds).
 
-Timeline: the pool starts with one replica and adapters a, b; it is scaled to 3 while adapter c
-is added and a promoted; a starting replica is deleted and replaced (a Deployment's new pod); the
-first replica's vLLM container restarts (its sidecar stays); b is promoted, d added, c removed;
-once everything converged, d is promoted while all replicas serve.
+Timeline: the pool starts with one replica and adapters a, b; it is scaled to 3
+(``KUBEDISTILL_POOL_REPLICAS``: 5 on a bigger machine) while adapter c is added and a promoted;
+a starting replica is deleted and replaced (a Deployment's new pod); the first replica's vLLM
+container restarts (its sidecar stays); b is promoted, d added, c removed; once everything
+converged, d is promoted while all replicas serve.
 
 A sampler polls every live replica about three times a second: readiness (the sidecar's
 ``/ready``, the pod's readiness gate) and what its vLLM holds (``/v1/models``: an adapter loaded
@@ -26,6 +27,7 @@ from ``<dir>/<name>/<revision>``). Checked over every sample:
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -41,6 +43,8 @@ from tests.support.tiny_model import cached_tiny_chat_model
 
 pytestmark = [pytest.mark.worker, pytest.mark.slow]
 POOL = "pool"
+# The 5 replicas need ~1.5 GiB and a core each to start in reasonable time: 3 on a 2-core machine.
+REPLICAS = int(os.environ.get("KUBEDISTILL_POOL_REPLICAS", "3"))
 STAGGER_S = 2.0  # each replica's copy of the set is refreshed up to this late
 WINDOW_S = STAGGER_S + 3.0  # a replica may act on a set it read this long ago (its 1 s pass included)
 
@@ -203,16 +207,16 @@ def test_every_ready_replica_serves_every_adapter_while_the_pool_scales_and_chan
         wait_until(r1.ready, "r1 Ready", 120)
         print(f"r1 Ready {time.monotonic() - t0:.0f}s after its start")
 
-        # scale 1 -> 3 while c is added and a promoted
+        # scale 1 -> REPLICAS while c is added and a promoted
         t_scale = time.monotonic()
-        r2, r3 = pool.add_replica(), pool.add_replica()
+        added = [pool.add_replica() for _ in range(REPLICAS - 1)]
         time.sleep(3)
         pool.publish(adapters := {**adapters, "c": uris["c1"]})
         time.sleep(5)
         pool.publish(adapters := {**adapters, "a": uris["a2"]})
         time.sleep(5)
-        r2.delete()  # a starting pod deleted: the Deployment's replacement starts
-        r4 = pool.add_replica()
+        added[0].delete()  # a starting pod deleted: the Deployment's replacement starts
+        pool.add_replica()
         time.sleep(5)
         t_restart = time.monotonic()
         r1.restart_vllm()  # the vLLM container of a serving pod restarts; its sidecar stays
@@ -220,34 +224,33 @@ def test_every_ready_replica_serves_every_adapter_while_the_pool_scales_and_chan
         time.sleep(5)
         adapters.pop("c")
         final = pool.publish(adapters)
-        for replica in (r1, r3, r4):
+        for replica in pool.live():
             replica.wait_started()
+        assert len(pool.live()) == REPLICAS
         wait_until(
             lambda: all(r.ready() and r.held() == final for r in pool.live()), "every replica Ready with the set", 240
         )
         t_last = pool.versions[-1][0]
-        print(f"scaled 1 -> 3 (one deleted, one vLLM restarted): every replica Ready with the final set "
+        print(f"scaled 1 -> {REPLICAS} (one deleted, one vLLM restarted): every replica Ready with the final set "
               f"{time.monotonic() - t_scale:.0f}s after the scale, {time.monotonic() - t_last:.0f}s after the "
               "last change (replicas still starting then)")  # fmt: skip
 
         # a promotion while every replica serves
-        t_promote = time.monotonic()
         final = pool.publish(adapters := {**adapters, "d": uris["d2"]})
         steady = wait_until(lambda: all(r.held() == final for r in pool.live()), "d promoted everywhere", 120)
         assert all(r.ready() for r in pool.live())
-        print(f"promotion of d reached all 3 Ready replicas in {steady:.1f}s (set refresh stagger up to {STAGGER_S}s)")
+        print(f"promotion of d reached all {REPLICAS} Ready replicas in {steady:.1f}s (stagger <= {STAGGER_S}s)")
         time.sleep(2)
         for replica in pool.live():
             statuses = {name: replica.ask(name) for name in [*adapters, "c"]}
             assert statuses == {"a": 200, "b": 200, "d": 200, "c": 404}, (replica.name, statuses)
-        assert time.monotonic() - t_promote < 130
     finally:
         sampler.stop()
         for replica in pool.replicas:
             replica.delete()
 
     samples = sampler.samples
-    assert {s.replica for s in samples if s.ready} >= {"r1", "r3", "r4"}
+    assert {s.replica for s in samples if s.ready} >= {r.name for r in pool.replicas if not r.deleted}
     down = [s for s in samples if s.replica == "r1" and s.t > t_restart and not s.ready]
     assert down, "r1 was never seen unready after its vLLM restarted: the restart was not observed"
     back = [s for s in samples if s.replica == "r1" and s.t > down[-1].t and s.ready]
