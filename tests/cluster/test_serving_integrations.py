@@ -2,9 +2,10 @@
 released CRDs of KEDA, the Prometheus Operator and the Gateway API Inference Extension
 (hack/cluster/extension-crds) installed, and without them.
 
-kwok runs no container, so the adapter sidecar cannot run here: its reports (the pod condition it
-writes) are tested with real processes in tests/worker/test_adapter_sync.py; here the operator's
-side: the adapter set it writes, the pods it builds, and what it reads back.
+kwok runs no container, so the adapter sidecar cannot run in these pods: it runs as a real process
+next to a real vLLM in tests/worker/test_adapter_sync.py and test_adapter_convergence.py, and
+reports a kwok pod's condition through this API server in test_adapter_sync_report.py; here the
+operator's side: the adapter set it writes, the pods it builds, and what it reads back.
 """
 
 from __future__ import annotations

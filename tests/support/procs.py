@@ -90,6 +90,7 @@ class ManagedProcess:
                 cwd=self.cwd,
                 start_new_session=True,
                 # atexit does not run when pytest is killed (a CI timeout): the kernel's SIGTERM does.
+                # It follows the spawning *thread*: start long-lived processes from the main thread.
                 preexec_fn=die_with_parent,
             )
         _RUNNING.add(self)

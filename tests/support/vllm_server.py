@@ -88,7 +88,9 @@ class VLLMServer:
         startup_timeout: float = 300.0,
         python: str = sys.executable,
     ) -> None:
-        self.model_dir = Path(model_dir)
+        # An object store URI (s3://..., with --load-format runai_streamer) stays a string: Path would
+        # collapse its "//".
+        self.model = model_dir if isinstance(model_dir, str) and "://" in model_dir else str(Path(model_dir))
         self.served_model_name = served_model_name
         self.port = port
         self.dtype = dtype
@@ -104,6 +106,7 @@ class VLLMServer:
         self.python = python
         self.proc: ManagedProcess | None = None
         self.startup_seconds: float | None = None
+        self._launched_at = 0.0
 
     @property
     def url(self) -> str:
@@ -119,7 +122,7 @@ class VLLMServer:
     def argv(self, port: int) -> list[str]:
         return [
             self.python, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(self.model_dir),
+            "--model", self.model,
             "--served-model-name", self.served_model_name,
             "--host", "127.0.0.1",
             "--port", str(port),
@@ -160,6 +163,31 @@ class VLLMServer:
             self.stop()
             raise failure from e
         self.startup_seconds = time.monotonic() - begin
+        return self
+
+    def launch(self) -> VLLMServer:
+        """Spawn the server on its given port and return at once; ``wait_started()`` waits for it.
+
+        For servers started side by side. Call this from a thread that outlives the server (the
+        main thread): the kernel's parent-death signal (``die_with_parent``) follows the thread
+        that spawned the process, so a server spawned in a short-lived thread dies with it.
+        """
+        assert self.port is not None, "launch() needs a fixed port"
+        self._launched_at = time.monotonic()
+        env = {**os.environ, **VLLM_CPU_ENV, **self.extra_env}
+        self.proc = ManagedProcess(self.argv(self.port), log_path=self.log_path, env=env, name="vllm").start()
+        return self
+
+    def wait_started(self) -> VLLMServer:
+        """After ``launch()``: wait until it answers /health and a warm-up completion (any thread)."""
+        assert self.proc is not None and self.port is not None, "not launched"
+        left = self.startup_timeout - (time.monotonic() - self._launched_at)
+        wait_for_http(f"{self.url}/health", timeout=max(1.0, left), proc=self.proc, interval=0.5)
+        try:
+            self.completion("warm", max_tokens=1)
+        except Exception as e:
+            raise self.proc.failure(f"answered /health but failed a warm-up completion: {e}") from e
+        self.startup_seconds = time.monotonic() - self._launched_at
         return self
 
     def stop(self) -> None:

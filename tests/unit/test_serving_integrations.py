@@ -141,6 +141,24 @@ def test_streamed_weights_skip_the_fetch_copy() -> None:
     assert args[args.index("--load-format") + 1] == "runai_streamer"
 
 
+def test_every_config_map_a_pod_mounts_is_one_the_operator_writes() -> None:
+    # A pod whose ConfigMap volume names a missing ConfigMap never starts (FailedMount): streamed
+    # weights have no fetch ConfigMap, so their pods must not mount one.
+    for serving in ({}, {"weights": "stream"}, {"adapters": {}}, {"weights": "stream", "adapters": {}}):
+        applied = decide(model(serving={"gpus": 0, **serving}), BARE).apply
+        written = {x["metadata"]["name"] for x in applied if x["kind"] == "ConfigMap"} | {"kube-root-ca.crt"}
+        [deployment] = [x for x in applied if x["kind"] == "Deployment"]
+        volumes = deployment["spec"]["template"]["spec"]["volumes"]
+        mounted = {v["configMap"]["name"] for v in volumes if "configMap" in v}
+        mounted |= {
+            source["configMap"]["name"]
+            for v in volumes
+            for source in (v.get("projected") or {}).get("sources", [])
+            if "configMap" in source
+        }
+        assert mounted <= written, (serving, mounted - written)
+
+
 # --------------------------------------------------------------------------- adapter pools
 
 

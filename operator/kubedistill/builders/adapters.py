@@ -7,9 +7,10 @@ the mounted file, fetches each adapter from the object store into a volume it sh
 vLLM, loads it through vLLM's runtime LoRA API (``/v1/load_lora_adapter``, ``load_inplace`` for
 a new version), unloads what left the set, and
 
-* answers its readiness probe only once every adapter of the set is loaded: a new replica
-  is never Ready without them (pod readiness is every container's);
-* reports what it loaded as a pod condition (``kubedistill.io/adapters``), which the operator
+* answers its readiness probe only once vLLM has held every adapter of the set: a new replica
+  is never Ready without them (pod readiness is every container's); later, only while vLLM
+  still holds what it held (a restarted vLLM is unready until its adapters are back);
+* reports what vLLM holds as a pod condition (``kubedistill.io/adapters``), which the operator
   reads to count, per adapter, the ready replicas that serve its current version.
 
 The ConfigMap is not immutable and not part of the pod template: adding, promoting or
@@ -139,7 +140,13 @@ def build_adapter_sync_container(storage: StorageSpec, settings: OperatorSetting
             *storage_env(storage),
         ],
         "ports": [{"name": "adapter-sync", "containerPort": port, "protocol": "TCP"}],
-        "readinessProbe": {"httpGet": {"path": "/ready", "port": port}, "periodSeconds": 5, "failureThreshold": 1},
+        # /ready asks vLLM what it holds: allow for a busy server (the kubelet's default timeout is 1 s).
+        "readinessProbe": {
+            "httpGet": {"path": "/ready", "port": port},
+            "periodSeconds": 5,
+            "timeoutSeconds": 5,
+            "failureThreshold": 2,
+        },
         "resources": {"requests": {"cpu": "100m", "memory": "512Mi"}, "limits": {"memory": "512Mi"}},
         "volumeMounts": [
             {"name": "adapters-config", "mountPath": ADAPTERS_CONFIG_DIR, "readOnly": True},

@@ -259,15 +259,14 @@ def build_deployment(plan: ServingPlan, settings: OperatorSettings, autoscaled: 
         "initContainers": init,
         "containers": [container],
         "volumes": [
-            {
-                "name": "fetch-config",
-                "configMap": {"name": names.model_fetch_config_name(plan.name, plan.source_hash)},
-            },
             {"name": "models", "emptyDir": {"sizeLimit": settings.serving.model_volume_size}},
             {"name": "tmp", "emptyDir": {}},
             shm_volume(settings.gpu_pool.shm_size if gpu else settings.cpu_pool.shm_size),
         ],
     }
+    if init:  # streamed weights have no fetch ConfigMap: a volume naming it would keep the pod from starting
+        config_name = names.model_fetch_config_name(plan.name, plan.source_hash)
+        pod_spec["volumes"].insert(0, {"name": "fetch-config", "configMap": {"name": config_name}})
     if node_selector:
         pod_spec["nodeSelector"] = dict(node_selector)
     if tolerations:

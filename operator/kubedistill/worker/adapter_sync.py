@@ -7,21 +7,26 @@
     python -m kubedistill.worker.adapter_sync --adapters set.yaml --dir /tmp/adapters \\
         --vllm-url http://127.0.0.1:8000 --port 8001 --no-report
 
-Every second it reads the adapter set (a ConfigMap the kubelet keeps up to date in the pod),
-and for each adapter whose revision vLLM does not hold yet: fetch it from the object store
-(digest-verified, as the fetch worker does) into ``--dir/<name>/<revision>``, then
-``POST /v1/load_lora_adapter`` (``load_inplace`` when another revision of that name is
-loaded: promotion without a gap); adapters that left the set are unloaded
-(``/v1/unload_lora_adapter``) and their files removed.
+Every second it reads the adapter set (a ConfigMap the kubelet keeps up to date in the pod) and
+asks vLLM what it holds (``GET /v1/models``: an adapter loaded from ``--dir/<name>/<revision>``
+is held at that revision). What vLLM holds is the truth, not this process's memory: a vLLM
+container restarted by its liveness probe holds nothing, and the sidecar loads everything again;
+a restarted sidecar finds what vLLM still holds and loads nothing twice. For each adapter of the
+set that vLLM does not hold at its revision: fetch it from the object store (digest-verified, as
+the fetch worker does) into ``--dir/<name>/<revision>``, then ``POST /v1/load_lora_adapter``
+(``load_inplace`` when another revision of that name is held: promotion without a gap). Adapters
+that left the set are unloaded (``/v1/unload_lora_adapter``) and their files removed.
 
-``GET /ready`` answers 200 once every adapter of the set is loaded and vLLM is healthy, 503
-before: the pod is not Ready until then (a new replica never serves without its adapters).
-After that, a later change keeps the pod Ready while the new adapter loads: the other
-adapters keep serving, and the operator counts the new one only where it is reported.
-What is loaded is reported as the pod condition ``kubedistill.io/adapters`` (message:
+``GET /ready`` (the pod's readiness) asks vLLM on every probe. Until the replica has held the
+whole set once it answers 503: a new replica never turns Ready without its adapters. After
+that it answers 200 while vLLM still holds every adapter this sidecar loaded that is still in the
+set: a newly added adapter (or one that cannot be fetched) does not take a serving replica out
+of the Service, the others keep serving, and the operator counts the new one only where it is
+reported; a vLLM that lost its adapters (restarted) is unready until they are back.
+What vLLM holds is reported as the pod condition ``kubedistill.io/adapters`` (message:
 ``{name: revision}`` as JSON) through the API server, with the token projected into this
-container alone; ``--no-report`` skips that. A bad adapter (missing, wrong digest, refused
-by vLLM) is logged and retried; the others load regardless.
+container alone (outside a pod: ``$KUBECONFIG``); ``--no-report`` skips that. A bad adapter
+(missing, wrong digest, refused by vLLM) is logged and retried; the others load regardless.
 """
 
 from __future__ import annotations
@@ -52,9 +57,14 @@ CONDITION = "kubedistill.io/adapters"
 
 @dataclass
 class SyncState:
-    """What this replica holds: adapter name -> revision loaded in vLLM; whether the set is complete."""
+    """What this replica holds and promises (readiness reads it from another thread: fields are replaced, not mutated).
 
-    loaded: dict[str, str] = field(default_factory=dict)
+    ``held``: what vLLM held after the last pass (adapter name -> revision). ``promised``: what a
+    Ready replica must keep holding; None until vLLM has held the whole set once.
+    """
+
+    held: dict[str, str] = field(default_factory=dict)
+    promised: dict[str, str] | None = None
     complete: bool = False
     errors: dict[str, str] = field(default_factory=dict)
 
@@ -84,18 +94,64 @@ class VLLM:
         except urllib.error.HTTPError as err:
             raise WorkerError(f"{path} {body.get('lora_name')}: HTTP {err.code}: {err.read()[:300]!r}") from err
 
-    def healthy(self) -> bool:
+    def held(self, directory: Path, timeout: float = 4.0) -> dict[str, str] | None:
+        """Adapters vLLM holds from ``directory/<name>/<revision>``: name -> revision (None: vLLM is not up).
+
+        The timeout stays under the readiness probe's (5 s), which asks this on every probe.
+        """
         try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=5) as response:
-                return bool(response.status == 200)
-        except OSError:
-            return False
+            with urllib.request.urlopen(f"{self.url}/v1/models", timeout=timeout) as response:
+                cards = json.load(response).get("data") or []
+        except (OSError, ValueError):
+            return None
+        return held_adapters(cards, directory)
 
     def load(self, name: str, path: Path, inplace: bool) -> None:
         self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path), "load_inplace": inplace})
 
     def unload(self, name: str) -> None:
         self._post("/v1/unload_lora_adapter", {"lora_name": name})
+
+
+# --------------------------------------------------------------------------- decisions (pure)
+
+
+def held_adapters(cards: Sequence[dict[str, Any]], directory: Path) -> dict[str, str]:
+    """From vLLM's model cards: the adapters loaded from ``directory`` (others, e.g. --lora-modules, are not ours)."""
+    held: dict[str, str] = {}
+    for card in cards:
+        root = Path(str(card.get("root") or ""))
+        if card.get("parent") and root.parent.parent == directory and root.parent.name == card.get("id"):
+            held[str(card["id"])] = root.name
+    return held
+
+
+def plan_sync(wanted: dict[str, AdapterEntry], held: dict[str, str]) -> tuple[list[str], list[AdapterEntry]]:
+    """What to unload (held, not wanted) and what to load (wanted, not held at its revision)."""
+    unload = sorted(set(held) - set(wanted))
+    load = [entry for name, entry in sorted(wanted.items()) if held.get(name) != entry.revision]
+    return unload, load
+
+
+def promise(promised: dict[str, str] | None, wanted: dict[str, str], held: dict[str, str]) -> dict[str, str] | None:
+    """What a Ready replica must keep holding after this pass.
+
+    None until the whole set is held (the replica is not Ready before). Then: what it promised
+    that is still wanted at that revision, plus every wanted adapter it now holds. An adapter
+    vLLM lost (it restarted) stays promised, so the replica is unready until it is back.
+    """
+    converged = {name: rev for name, rev in held.items() if wanted.get(name) == rev}
+    if promised is None:
+        return converged if converged == wanted else None
+    return {**{name: rev for name, rev in promised.items() if wanted.get(name) == rev}, **converged}
+
+
+def is_ready(promised: dict[str, str] | None, held: dict[str, str] | None) -> bool:
+    """Readiness: vLLM is up and holds everything promised (what it holds is asked at every probe)."""
+    return promised is not None and held is not None and all(held.get(n) == r for n, r in promised.items())
+
+
+# --------------------------------------------------------------------------- I/O
 
 
 def fetch_adapter(entry: AdapterEntry, directory: Path) -> Path:
@@ -109,43 +165,45 @@ def fetch_adapter(entry: AdapterEntry, directory: Path) -> Path:
 
 def sync_once(
     adapter_set: AdapterSet,
+    held: dict[str, str],
     state: SyncState,
     vllm: VLLM,
     directory: Path,
     fetch: Callable[[AdapterEntry, Path], Path] = fetch_adapter,
-) -> bool:
-    """One pass towards ``adapter_set``; True when something changed."""
+) -> None:
+    """One pass from what vLLM ``held`` towards ``adapter_set``; updates ``state``."""
     wanted = {e.name: e for e in adapter_set.adapters}
-    changed = False
-    for name in sorted(set(state.loaded) - set(wanted)):
+    held = dict(held)
+    unload, load = plan_sync(wanted, held)
+    for name in unload:
         try:
             vllm.unload(name)
         except WorkerError as err:
-            log.warning("unload %s: %s", name, err)  # gone already (vLLM restarted): forget it anyway
-        state.loaded.pop(name)
+            log.warning("unload %s: %s", name, err)  # gone already: forget it anyway
+        held.pop(name)
         shutil.rmtree(directory / name, ignore_errors=True)
         log.info("unloaded %s", name)
-        changed = True
-    for name, entry in sorted(wanted.items()):
-        if state.loaded.get(name) == entry.revision:
-            continue
+    errors = dict(state.errors)
+    for entry in load:
         try:
             path = fetch(entry, directory)
-            vllm.load(name, path, inplace=name in state.loaded)
+            vllm.load(entry.name, path, inplace=entry.name in held)
         except (WorkerError, OSError) as err:
-            if state.errors.get(name) != str(err):
-                log.error("adapter %s (%s): %s", name, entry.uri, err)
-            state.errors[name] = str(err)
+            if errors.get(entry.name) != str(err):
+                log.error("adapter %s (%s): %s", entry.name, entry.uri, err)
+            errors[entry.name] = str(err)
             continue
-        old = state.loaded.get(name)
-        state.loaded[name] = entry.revision
-        state.errors.pop(name, None)
+        old = held.get(entry.name)
+        held[entry.name] = entry.revision
+        errors.pop(entry.name, None)
         if old is not None:
-            shutil.rmtree(directory / name / old, ignore_errors=True)
-        log.info("loaded %s revision %s from %s", name, entry.revision, entry.uri)
-        changed = True
-    state.complete = all(state.loaded.get(n) == e.revision for n, e in wanted.items())
-    return changed
+            shutil.rmtree(directory / entry.name / old, ignore_errors=True)
+        log.info("loaded %s revision %s from %s", entry.name, entry.revision, entry.uri)
+    revisions = {name: entry.revision for name, entry in wanted.items()}
+    state.errors = {name: err for name, err in errors.items() if name in wanted}
+    state.promised = promise(state.promised, revisions, held)
+    state.complete = held == revisions
+    state.held = held
 
 
 def serve_readiness(port: int, ready: Callable[[], bool]) -> http.server.ThreadingHTTPServer:
@@ -164,19 +222,22 @@ def serve_readiness(port: int, ready: Callable[[], bool]) -> http.server.Threadi
     return server
 
 
-def report(loaded: dict[str, str], complete: bool) -> None:
+def report(held: dict[str, str], complete: bool) -> None:
     """Write what this pod holds as its condition kubedistill.io/adapters (the operator counts it)."""
     import os
 
     from kubernetes import client, config
 
-    config.load_incluster_config()
+    try:
+        config.load_incluster_config()  # the token projected into this container
+    except config.ConfigException:  # outside a pod (a laptop, the tests): $KUBECONFIG
+        config.load_kube_config()
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     condition = {
         "type": CONDITION,
         "status": "True" if complete else "False",
         "reason": "AdaptersLoaded" if complete else "AdaptersLoading",
-        "message": json.dumps(loaded, sort_keys=True),
+        "message": json.dumps(held, sort_keys=True),
         "lastTransitionTime": now,
     }
     body = {"status": {"conditions": [condition]}}  # strategic merge: conditions merge by type
@@ -198,13 +259,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
     args = parse_args(argv)
     vllm, state = VLLM(args.vllm_url), SyncState()
-    serve_readiness(args.port, lambda: state.complete and vllm.healthy())
+    serve_readiness(args.port, lambda: is_ready(state.promised, vllm.held(args.dir)))
     reported: tuple[dict[str, str], bool] | None = None
     while True:
         adapter_set = read_set(args.adapters)
-        if adapter_set is not None and vllm.healthy():
-            sync_once(adapter_set, state, vllm, args.dir)
-        current = (dict(state.loaded), state.complete)
+        held = vllm.held(args.dir)
+        if adapter_set is not None and held is not None:
+            sync_once(adapter_set, held, state, vllm, args.dir)
+        current = (dict(state.held), state.complete)
         if not args.no_report and current != reported:
             try:
                 report(*current)
