@@ -54,15 +54,23 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from tests.support.cluster import Cluster, ensure_cluster, wait_for  # noqa: E402
+from tests.support.cluster import (  # noqa: E402
+    ANN_MESSAGE,
+    Cluster,
+    ensure_cluster,
+    wait_for,
+)
 from tests.support.crds import install_crds  # noqa: E402
-from tests.support.djobs import distillation_job  # noqa: E402
+from tests.support.djobs import distillation_job, evaluate_result, generate_result, train_result  # noqa: E402
 from tests.support.operator_proc import OperatorProcess  # noqa: E402
 
 RESULTS = REPO_ROOT / "bench" / "results" / "operator_scale.json"
+RESULTS_BY_STAGE = {"generate": generate_result(), "train": train_result(), "evaluate": evaluate_result()}
 GROUP, VERSION, PLURAL = "kubedistill.io", "v1alpha1", "distillationjobs"
 SETTINGS: dict[str, Any] = {
     "cpuPool": {"cpu": "10m", "memory": "32Mi"},
+    # Each simulated stage pod ends as a worker does: with its one-line result (no result, no success).
+    "stagePodAnnotations": {stage: {ANN_MESSAGE: message} for stage, message in RESULTS_BY_STAGE.items()},
 }
 
 

@@ -112,7 +112,10 @@ def run(cluster: Cluster, n: int, window: float, release: int, workdir: Path) ->
     progress = ProgressSettings()
     settings = {
         **SETTINGS,
-        "stagePodAnnotations": {"generate": {ANN_HOLD: "true", ANN_MESSAGE: generate_result()}},
+        "stagePodAnnotations": {
+            **SETTINGS["stagePodAnnotations"],
+            "generate": {ANN_HOLD: "true", ANN_MESSAGE: generate_result()},
+        },
     }
     custom = cluster.custom()
     with cluster.new_namespace(f"bench-progress-{n}") as namespace:
