@@ -40,7 +40,7 @@ from kubedistill.builders.settings import OperatorSettings
 from kubedistill.kube.client import KubeClient, KubeError
 from kubedistill.kube.pacing import Priority
 from kubedistill.reconcile.loop import InvalidSpec
-from kubedistill.reconcile.observe import compact_job, observe_job
+from kubedistill.reconcile.observe import compact_job
 from kubedistill.runtime import Runtime
 from kubedistill.telemetry import Health, OperatorMetrics
 
@@ -218,18 +218,7 @@ def register(
         parent = labels.get(names.LABEL_JOB)
         if not parent:
             return
-        runtime = bind(memo, kwargs)
-        uid = body.get("metadata", {}).get("uid", "")
-        phase = "Deleted" if type == "DELETED" else observe_job(body).phase.value
-        if runtime.job_phase_seen.get(uid) == phase:
-            return  # a status detail changed (a pod count), not the stage
-        if type == "DELETED":
-            runtime.job_phase_seen.pop(uid, None)
-        else:
-            runtime.job_phase_seen[uid] = phase
-        if type == "ADDED" and phase == "Pending":
-            return  # we just created it, and recorded that already (initial listings have type None)
-        runtime.kick_job(namespace or "", parent)
+        bind(memo, kwargs).on_stage_job_event(type, namespace or "", parent, body)
 
     @kopf.on.event("", "v1", "configmaps", labels=PROGRESS_CONFIG_MAPS, id="stage_progress_event", registry=registry)
     async def stage_progress_event(

@@ -37,6 +37,7 @@ from kubedistill.reconcile.loop import (
     reconcile_distillation_job,
     reconcile_distilled_model,
 )
+from kubedistill.reconcile.observe import observe_job
 from kubedistill.telemetry import OperatorMetrics
 
 log = logging.getLogger("kubedistill.runtime")
@@ -188,6 +189,25 @@ class Runtime:
     def kick_job(self, namespace: str, name: str, priority: Priority = Priority.CHILD_EVENT) -> None:
         """Reconcile soon, in the background (child events; resyncs at a lower priority)."""
         self._kick(("DistillationJob", namespace, name), lambda: self._reconcile_job(namespace, name), priority)
+
+    def on_stage_job_event(self, type_: str | None, namespace: str, name: str, body: Mapping[str, Any]) -> None:
+        """A stage Job of DistillationJob ``name`` changed: kick its reconcile if the stage's phase did.
+
+        Most Job events are details (a pod count, a ready count): the phase they map to is
+        remembered per Job, and only a new phase (or a deletion) is worth a reconcile. The Job
+        this operator just created (ADDED, Pending) was accounted for when it was created.
+        """
+        uid = (body.get("metadata") or {}).get("uid", "")
+        phase = "Deleted" if type_ == "DELETED" else observe_job(body).phase.value
+        if self.job_phase_seen.get(uid) == phase:
+            return
+        if type_ == "DELETED":
+            self.job_phase_seen.pop(uid, None)
+        else:
+            self.job_phase_seen[uid] = phase
+        if type_ == "ADDED" and phase == "Pending":
+            return
+        self.kick_job(namespace, name)
 
     def kick_progress(self, namespace: str, name: str) -> None:
         """A running stage reported: fold it into the status, at most once per ``progress.statusSeconds``.

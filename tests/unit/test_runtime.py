@@ -211,3 +211,27 @@ async def test_every_api_request_of_a_reconcile_carries_its_priority(priority):
         await asyncio.gather(*list(runtime._tasks))
     assert cluster.calls and {c.priority for c in cluster.calls} == {priority}
     await runtime.close()
+
+
+async def test_stage_job_events_kick_only_when_the_stage_phase_changes():
+    cluster = FakeCluster()
+    runtime = Runtime(settings(), cluster)  # type: ignore[arg-type]
+    kicked: list[str] = []
+    runtime.kick_job = lambda namespace, name, priority=Priority.CHILD_EVENT: kicked.append(name)  # type: ignore[method-assign]
+
+    def job(**status: object) -> dict:
+        return {"metadata": {"name": "j", "uid": "u1", "labels": {}}, "status": status}
+
+    runtime.on_stage_job_event("ADDED", "ns", "dj", job())  # we created it: no reconcile
+    runtime.on_stage_job_event("MODIFIED", "ns", "dj", job(active=1))  # a pod count: still Pending
+    assert kicked == []
+    runtime.on_stage_job_event("MODIFIED", "ns", "dj", job(active=1, ready=1))  # Running
+    runtime.on_stage_job_event("MODIFIED", "ns", "dj", job(active=1, ready=1, startTime="t"))  # a detail
+    assert kicked == ["dj"]
+    done = {"conditions": [{"type": "Complete", "status": "True"}], "succeeded": 1}
+    runtime.on_stage_job_event("MODIFIED", "ns", "dj", job(**done))
+    runtime.on_stage_job_event(None, "ns", "dj", job(**done))  # the same, listed again at a restart
+    runtime.on_stage_job_event("DELETED", "ns", "dj", job(**done))
+    assert kicked == ["dj", "dj", "dj"]
+    assert runtime.job_phase_seen == {}
+    await runtime.close()
