@@ -132,8 +132,8 @@ def _record_result(plan: RunPlan, result: BaseModel, walk: _Walk) -> None:
         walk.training = TrainingStatus(
             objective=result.objective,
             global_step=result.global_step,
-            loss=result.train_loss,
-            losses=dict(result.losses) or None,
+            loss=result.losses.get("loss", result.train_loss),
+            losses={k: v for k, v in result.losses.items() if k != "loss"} or None,
             teacher_tokens_scored=result.teacher_tokens_scored,
         )
     elif isinstance(result, EvaluateResult):
