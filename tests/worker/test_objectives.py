@@ -413,3 +413,43 @@ def test_on_policy_refuses_a_vllm_teacher_with_another_tokenizer(
         f"teacher and student tokenizers disagree (teacher vs s3://{bucket}/models/student (student)): "
         "tokenizing the first training example, token "
     ), message
+
+
+@pytest.mark.slow
+def test_on_policy_sigterm_checkpoints_and_a_rerun_resumes(s3, bucket, store, teacher_dir, tmp_path):
+    """Preempted mid-run, onPolicy saves its step like sft does; the restart serves the teacher again and
+    finishes from that step (the student's samples after it come from the restored RNG state)."""
+    write_dataset(store, f"s3://{bucket}/datasets/prompts-preempt", TRAIN[:64])
+    worker = Worker(
+        s3,
+        bucket,
+        tmp_path,
+        "on-policy-preempt",
+        {"maxSteps": 12, "learningRate": 1e-3, "batchSize": 4, "checkpointEverySteps": 1000, "seed": 2},
+        student={"objective": "onPolicy", "onPolicy": {"maxNewTokens": 8}},
+        datasetUri=f"s3://{bucket}/datasets/prompts-preempt",
+        teacher={"vllm": {"model": f"s3://{bucket}/models/teacher", "gpus": 0, "maxModelLen": 256, "dtype": "float32"}},
+    )
+    proc = worker.start()
+    try:
+        wait_for_step(worker, proc, 2, timeout=600)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        worker.log_file.close()
+    assert rc == common.EXIT_PREEMPTED, worker.describe()
+    match = re.match(
+        r"Preempted: SIGTERM at step (\d+): checkpoint saved to \S+; a restart resumes from it$", worker.message()
+    )
+    assert match, worker.message()
+    step = int(match.group(1))
+    assert f"checkpoint-{step}/COMPLETE.json" in s3_keys(store, worker.doc["checkpointUri"])
+    assert not s3_keys(store, worker.doc["outputUri"])
+
+    assert worker.run(timeout=900) == 0, worker.describe()
+    result = worker.result()
+    assert result["globalStep"] == 12 and result["resumedFromStep"] == step and result["objective"] == "onPolicy"
+    assert re.search(rf"training: 12 steps, .* starting at step {step}\n", worker.log())
+    assert worker.log().count("onPolicy: teacher healthy after") == 2  # served again for the second attempt

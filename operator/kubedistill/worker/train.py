@@ -24,7 +24,8 @@ What happens, in order:
 1. Pre-flight, before any weight is loaded: the dataset is complete and not
    empty, output and checkpoint URIs are writable, the tokenizer has a chat
    template (or one is configured), tokenizer and model vocabularies agree,
-   maxSeqLength fits the model. Each failure is one clear line.
+   maxSeqLength fits the model; objectives kd and onPolicy: teacher and student
+   tokenizers agree (train_kd, train_onpolicy). Each failure is one clear line.
 2. If the output URI already holds this exact training (same fingerprint),
    its result is returned: a re-run after a lost termination message is free.
 3. The student (``s3://`` prefixes are fetched once per node and verified) and
@@ -32,7 +33,10 @@ What happens, in order:
 4. trl's ``SFTTrainer``: LoRA (peft) or full fine-tuning on the conversational
    prompt-completion records, completion-only loss, optional packing, bf16 on
    GPUs and fp32 on CPUs, resumed from the newest complete checkpoint in
-   ``checkpointUri`` when there is one.
+   ``checkpointUri`` when there is one. Objective kd: the same trainer with the
+   top-k + tail KL on the teacher's stored distributions (train_kd.py);
+   onPolicy: trl's ServerDistillationTrainer, the student sampling and a vLLM
+   teacher scoring (train_onpolicy.py).
 5. Checkpoints go to ``checkpointUri`` every ``checkpointEverySteps`` steps and
    on SIGTERM, after which the worker exits 143 ("Preempted: ...").
 6. Export (rank 0): merged safetensors (or the adapter) + tokenizer + chat

@@ -116,7 +116,8 @@ class Alignment:
     scored: int = 0  # answers whose distributions train
     without: int = 0  # answers stored without logprobs
     misaligned: int = 0  # answers the student tokenizes differently (cross-entropy only)
-    first: str | None = None  # the first misalignment, as a one-line message
+    first: str | None = None  # the first misalignment, as a one-line refusal
+    first_seen: str | None = None  # the same, as the warning of an answer trained on cross-entropy only
     folded: int = 0  # alternatives no single student token names: their mass is in the tail
     k: int = 0  # alternatives per position
 
@@ -200,7 +201,12 @@ def targets_for(
         alignment.misaligned += 1
         if alignment.first is None:
             shown = Difference(difference.position, show(difference.teacher), show(difference.student))
-            alignment.first = shown.message(names[0], names[1], f"in the answer of record {record.id or record.key}")
+            where = f"in the answer of record {record.id or record.key}"
+            alignment.first = shown.message(names[0], names[1], where)
+            alignment.first_seen = (
+                f"{where}, token {shown.position} is {shown.teacher!r} for the teacher and {shown.student!r} for the "
+                "student (with one tokenizer: a teacher sample that is not its tokenizer's own split of the text)"
+            )
         return [], []
     alignment.scored += 1
     alignment.k = max(alignment.k, dist.k)
@@ -252,10 +258,10 @@ def add_kd_targets(
         raise WorkerError(alignment.first)
     if alignment.misaligned:
         log.warning(
-            "kd: %d of %d answers are tokenized differently by the student (trained on cross-entropy only); first: %s",
+            "kd: %d of %d answers are tokenized differently by the student (trained on cross-entropy only); first %s",
             alignment.misaligned,
             checked,
-            alignment.first,
+            alignment.first_seen,
         )
     log.info(
         "kd: %d answers with teacher distributions, %d without, %d alternatives folded into the tail",

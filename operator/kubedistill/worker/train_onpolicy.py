@@ -40,6 +40,7 @@ SERVED_NAME = "teacher"
 # the memory (weights + KV cache for the scoring requests), training keeps the rest.
 TEACHER_GPU_MEMORY_SHARE = 0.3
 MAX_LOGPROBS = 20
+TEACHER_PORT = 18400  # under torchrun: a port every rank of the node agrees on
 
 
 def scoring_url(teacher: TeacherSpec, port: int | None) -> str:
@@ -64,7 +65,8 @@ class TeacherServer:
         self.config = config
         self.spec = config.teacher.vllm
         self.log_path = run_dir / "teacher-vllm.log"
-        self.port = _free_port()
+        # torchrun: every rank of the node must find the one server its local main process starts
+        self.port = TEACHER_PORT if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1 else _free_port()
         self.proc: Any = None
         self.model_path: str | None = None
 
@@ -92,12 +94,21 @@ class TeacherServer:
         self.proc = serve.start_server(argv, self.log_path, serve.vllm_env())
 
     def wait(self, timeout: float = 1800.0) -> None:
+        """Until the server answers /health (the local main process also watches it, and fails if it dies)."""
         from kubedistill.local import serve
+        from kubedistill.worker.teacher.offline import resolve_model
 
+        url = f"http://127.0.0.1:{self.port}/health"
         try:
-            seconds = serve.wait_healthy(f"http://127.0.0.1:{self.port}/health", self.proc, self.log_path, timeout)
+            if self.proc is not None:
+                seconds = serve.wait_healthy(url, self.proc, self.log_path, timeout)
+            else:
+                seconds = _wait_for(url, timeout)
         except serve.ServeError as err:
             raise WorkerError(f"the onPolicy teacher {self.spec.model} did not start: {err}"[:1500]) from err
+        if self.model_path is None:  # another rank started it: the model is on this node's disk already
+            store = open_store(self.spec.model, self.config.storage) if is_s3(self.spec.model) else None
+            self.model_path = resolve_model(self.spec.model, store, Path(self.config.work_dir))
         log.info("onPolicy: teacher healthy after %.0fs", seconds)
 
     def stop(self) -> None:
@@ -106,6 +117,23 @@ class TeacherServer:
         if self.proc is not None:
             serve.stop_server(self.proc)
             self.proc = None
+
+
+def _wait_for(url: str, timeout: float) -> float:
+    import time
+
+    from kubedistill.local import serve
+
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return time.monotonic() - started
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(1.0)
+    raise serve.ServeError(f"{url} did not answer within {timeout:.0f}s")
 
 
 def _free_port() -> int:
