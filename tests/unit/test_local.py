@@ -139,7 +139,7 @@ def test_the_demo_runs_every_objective_with_a_valid_manifest(objective, tmp_path
 
 def test_describe_says_which_objective_trained_and_its_final_losses():
     line = runner.describe(
-        "train", {"objective": "kd", "globalStep": 9, "losses": {"loss": 0.5, "ce": 0.75, "kl": 0.25}}
+        "train", {"objective": "kd", "globalStep": 9, "losses": {"ce": 0.75, "kl": 0.25, "loss": 0.5}}
     )
     assert line == "objective kd, step 9, final loss 0.5000 ce 0.7500 kl 0.2500"
     on_policy = runner.describe(

@@ -265,7 +265,8 @@ def describe(stage: str, result: Mapping[str, Any]) -> str:
     if stage == "train":
         objective = result.get("objective", "sft")
         losses = result.get("losses") or {}
-        final = " ".join(f"{name} {value:.4f}" for name, value in losses.items())
+        terms = sorted(losses.items(), key=lambda item: item[0] != "loss")  # the total first, then its terms
+        final = " ".join(f"{name} {value:.4f}" for name, value in terms)
         scored = result.get("teacherTokensScored")
         extra = f", {scored} tokens scored by the teacher" if scored else ""
         return f"objective {objective}, step {result['globalStep']}, final {final or 'loss n/a'}{extra}"
