@@ -204,6 +204,13 @@ def _local_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("manifest", type=Path, help="YAML with a DistillationJob (and the ConfigMaps it references)")
     run.add_argument("--name", help="which DistillationJob, when the file holds several")
     demo = actions.add_parser("demo", help="prepare a tiny teacher, student and prompts, then run the demo job")
+    demo.add_argument(
+        "--objective",
+        choices=["sft", "kd", "onPolicy"],
+        default="sft",
+        help="what the student learns from: the teacher's text (sft), also its top-k logprobs (kd), or the "
+        "teacher's scores of the student's own answers (onPolicy)",
+    )
     for sub in (run, demo):
         _local_common_arguments(sub)
 
@@ -252,7 +259,7 @@ def _run_local(args: argparse.Namespace) -> int:
             if args.local_action == "demo":
                 from kubedistill.local.demo import run_demo
 
-                run_demo(options)
+                run_demo(options, args.objective)
             else:
                 run_local(args.manifest, options, args.name)
     except LocalRunError as err:

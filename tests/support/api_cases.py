@@ -87,6 +87,8 @@ class Invalid:
 
 
 _ONE_TEACHER = "set exactly one of spec.teacher.endpoint (an OpenAI-compatible API) or spec.teacher.vllm"
+_KD_NEEDS_LOGPROBS = "student.objective kd trains on the teacher's top-k logprobs: set spec.teacher.logprobs"
+_ON_POLICY_NEEDS_SCORER = "student.objective onPolicy needs a teacher that scores the student's tokens"
 _ONE_SOURCE = "set exactly one of spec.model (an s3:// model URI) or spec.fromJob"
 
 INVALID: tuple[Invalid, ...] = (
@@ -215,6 +217,75 @@ INVALID: tuple[Invalid, ...] = (
         (_set("spec.student.method", "full"), _set("spec.student.export", "adapter")),
         server=("spec.student", "student.export adapter needs student.method lora"),
         pydantic=("student.export adapter needs student.method lora",),
+    ),
+    Invalid(
+        "kd-without-teacher-logprobs",
+        valid_job,
+        (_set("spec.student.objective", "kd"),),
+        server=("spec.student.objective", _KD_NEEDS_LOGPROBS, "20 recommended"),
+        pydantic=(_KD_NEEDS_LOGPROBS,),
+    ),
+    Invalid(
+        "kd-with-zero-teacher-logprobs",
+        valid_job,
+        (_set("spec.student.objective", "kd"), _set("spec.teacher.logprobs", 0)),
+        server=("spec.student.objective", _KD_NEEDS_LOGPROBS),
+        pydantic=(_KD_NEEDS_LOGPROBS,),
+    ),
+    Invalid(
+        "on-policy-with-an-endpoint-that-cannot-score",
+        valid_job,
+        (_set("spec.student.objective", "onPolicy"),),
+        server=("spec.student.objective", _ON_POLICY_NEEDS_SCORER, "spec.teacher.endpoint.promptLogprobs: true"),
+        pydantic=(_ON_POLICY_NEEDS_SCORER,),
+    ),
+    Invalid(
+        "on-policy-in-cluster-teacher-on-two-nodes",
+        valid_job,
+        (
+            _delete("spec.teacher.endpoint"),
+            _set("spec.teacher.vllm", {"model": "s3://models/big"}),
+            _set("spec.student.objective", "onPolicy"),
+            _set("spec.resources.nodes", 2),
+        ),
+        server=("spec.student.objective", "runs the teacher inside the train pod: set spec.resources.nodes to 1"),
+        pydantic=("runs the teacher inside the train pod: set spec.resources.nodes to 1",),
+    ),
+    Invalid(
+        "kd-settings-with-objective-sft",
+        valid_job,
+        (_set("spec.student.kd", {"alpha": 0.9}),),
+        server=("spec.student", "student.kd is read only with student.objective kd"),
+        pydantic=("student.kd is read only with student.objective kd",),
+    ),
+    Invalid(
+        "kd-with-packing",
+        valid_job,
+        (
+            _set("spec.teacher.logprobs", 20),
+            _set("spec.student.objective", "kd"),
+            _set("spec.student.training", {"packing": True}),
+        ),
+        server=("spec.student", "set student.training.packing to false"),
+        pydantic=("set student.training.packing to false",),
+    ),
+    Invalid(
+        "on-policy-top-k-with-reverse-kl",
+        valid_job,
+        (
+            _set("spec.teacher.endpoint.promptLogprobs", True),
+            _set("spec.student.objective", "onPolicy"),
+            _set("spec.student.onPolicy", {"topK": 5}),
+        ),
+        server=("spec.student.onPolicy", "student.onPolicy.topK applies to divergence forwardKL only"),
+        pydantic=("student.onPolicy.topK applies to divergence forwardKL only",),
+    ),
+    Invalid(
+        "unknown-objective",
+        valid_job,
+        (_set("spec.student.objective", "dpo"),),
+        server=("spec.student.objective", 'Unsupported value: "dpo"', '"sft", "kd", "onPolicy"'),
+        pydantic=("objective", "'sft', 'kd' or 'onPolicy'"),
     ),
     Invalid(
         "tensor-parallel-above-gpus",

@@ -16,11 +16,13 @@ import hashlib
 import random
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from kubedistill.api.dataset import (
     MANIFEST_NAME,
     SHARDS_DIR,
+    TEACHER_TOKENIZER_DIR,
     DatasetCounts,
     DatasetManifest,
     DatasetRecord,
@@ -29,7 +31,7 @@ from kubedistill.api.dataset import (
     Split,
     dataset_digest,
 )
-from kubedistill.storage.objectstore import ObjectStore, join
+from kubedistill.storage.objectstore import ObjectStore, join, upload_dir
 
 Prompt = str | Sequence[dict[str, str]]
 Example = tuple[Prompt, str]
@@ -45,7 +47,9 @@ def _messages(prompt: Prompt, system: str | None) -> list[Message]:
     return msgs
 
 
-def make_records(examples: Sequence[Example], split: Split, system: str | None = None) -> list[DatasetRecord]:
+def make_records(
+    examples: Sequence[Example], split: Split, system: str | None = None, topk: Sequence[str | None] | None = None
+) -> list[DatasetRecord]:
     out = []
     for i, (prompt, answer) in enumerate(examples):
         msgs = _messages(prompt, system)
@@ -58,6 +62,7 @@ def make_records(examples: Sequence[Example], split: Split, system: str | None =
                 prompt=msgs,
                 completion=[Message(role="assistant", content=answer)],
                 finish_reason="stop",
+                topk=topk[i] if topk is not None else None,
             )
         )
     return out
@@ -73,11 +78,17 @@ def write_dataset(
     shard_size: int = 1000,
     teacher_model: str = "test-teacher",
     write_manifest: bool = True,
+    topk: Sequence[str | None] | None = None,
+    teacher_tokenizer: Path | None = None,
 ) -> DatasetManifest:
-    """Write shards + manifest under ``uri``; returns the manifest."""
+    """Write shards + manifest under ``uri``; returns the manifest.
+
+    ``topk``: the teacher's compact distributions of the training answers (``teacher_topk``);
+    ``teacher_tokenizer``: a directory uploaded as the dataset's teacher tokenizer, as generate does.
+    """
     shards: list[ShardInfo] = []
     for split, items in (("train", examples), ("eval", eval_examples)):
-        records = make_records(items, split, system)  # type: ignore[arg-type]
+        records = make_records(items, split, system, topk if split == "train" else None)  # type: ignore[arg-type]
         for index, start in enumerate(range(0, len(records), shard_size)):
             chunk = records[start : start + shard_size]
             body = "".join(r.model_dump_json(by_alias=True, exclude_none=True) + "\n" for r in chunk).encode()
@@ -94,7 +105,10 @@ def write_dataset(
         counts=DatasetCounts(prompts=len(examples) + len(eval_examples), train=len(examples), eval=len(eval_examples)),
         digest=digest,
         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        teacher_tokenizer=TEACHER_TOKENIZER_DIR if teacher_tokenizer is not None else None,
     )
+    if teacher_tokenizer is not None:
+        upload_dir(store, teacher_tokenizer, join(uri, TEACHER_TOKENIZER_DIR))
     if write_manifest:
         store.put_bytes(join(uri, MANIFEST_NAME), manifest.model_dump_json(by_alias=True).encode(), "application/json")
     return manifest
@@ -155,3 +169,38 @@ def trl_rows(examples: Sequence[Example], system: str | None = None) -> list[dic
         }
         for p, a in examples
     ]
+
+
+def teacher_topk(
+    teacher_dir: str | Path, examples: Sequence[Example], k: int, system: str | None = None, eos: bool = True
+) -> list[str]:
+    """What a vLLM teacher with ``logprobs: k`` stores for these answers: per answer token (and the
+    end-of-turn token when ``eos``), the teacher's top k next-token logprobs, in its token ids.
+
+    Computed with transformers by teacher forcing on the chat-templated prompt + answer, as the
+    answer's tokens would have been scored when the teacher produced them.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kubedistill.worker.topk import encode, from_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    out = []
+    for prompt, answer in examples:
+        messages = [m.model_dump() for m in _messages(prompt, system)]
+        prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        answer_ids = answer_ids + ([tokenizer.eos_token_id] if eos else [])
+        ids = torch.tensor([prompt_ids + answer_ids])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(ids).logits[0].float(), -1)
+        chosen, tops = [], []
+        for i, token in enumerate(answer_ids):
+            row = logprobs[len(prompt_ids) + i - 1]
+            values, indices = row.topk(k)
+            chosen.append((token, float(row[token])))
+            tops.append([(int(t), float(v)) for t, v in zip(indices, values, strict=True)])
+        out.append(encode(from_ids(chosen, tops, k)))
+    return out

@@ -79,8 +79,10 @@ def generate_result(examples: int = 100) -> str:
     )
 
 
-def train_result() -> str:
-    return _line({"modelUri": "s3://kd-test/runs/x/models/k", "digest": DIGEST, "globalStep": 42, "trainLoss": 0.5})
+def train_result(**extra: Any) -> str:
+    return _line(
+        {"modelUri": "s3://kd-test/runs/x/models/k", "digest": DIGEST, "globalStep": 42, "trainLoss": 0.5, **extra}
+    )
 
 
 def evaluate_result(agreement: float = 0.97) -> str:

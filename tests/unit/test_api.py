@@ -211,3 +211,37 @@ def test_phases_and_condition_sets() -> None:
 def test_status_defaults_are_empty() -> None:
     assert DistillationJobStatus().to_wire() == {"conditions": []}
     assert StagesStatus(train=StageStatus(job="x")).to_wire() == {"train": {"job": "x", "phase": "Pending"}}
+
+
+# --------------------------------------------------------------------------- objectives
+
+
+def _with(manifest: dict, **student: object) -> dict:
+    manifest["spec"]["student"].update(student)
+    return manifest
+
+
+def test_objective_defaults_to_sft_and_its_settings_default_when_unset() -> None:
+    student = DistillationJob.model_validate(valid_job()).spec.student
+    assert student.objective == "sft" and student.kd is None and student.on_policy is None
+    assert student.kd_settings.alpha == 0.5 and student.kd_settings.temperature == 1.0
+    policy = student.on_policy_settings
+    assert (policy.divergence, policy.top_k, policy.max_new_tokens, policy.temperature) == ("reverseKL", None, 256, 1.0)
+
+
+def test_kd_with_teacher_logprobs_is_valid() -> None:
+    manifest = _with(valid_job(), objective="kd", kd={"alpha": 0.7, "temperature": 2.0})
+    manifest["spec"]["teacher"]["logprobs"] = 20
+    student = DistillationJob.model_validate(manifest).spec.student
+    assert student.objective == "kd" and student.kd_settings.alpha == 0.7 and student.kd_settings.temperature == 2.0
+
+
+def test_on_policy_accepts_an_in_cluster_teacher_or_a_scoring_endpoint() -> None:
+    scoring = _with(valid_job(), objective="onPolicy", onPolicy={"divergence": "forwardKL", "topK": 8})
+    scoring["spec"]["teacher"]["endpoint"]["promptLogprobs"] = True
+    policy = DistillationJob.model_validate(scoring).spec.student.on_policy_settings
+    assert policy.divergence == "forwardKL" and policy.top_k == 8
+
+    in_cluster = _with(valid_job(), objective="onPolicy")
+    in_cluster["spec"]["teacher"] = {"vllm": {"model": "s3://models/big"}}
+    assert DistillationJob.model_validate(in_cluster).spec.student.objective == "onPolicy"

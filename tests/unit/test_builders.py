@@ -257,3 +257,49 @@ def test_published_model() -> None:
 )
 def test_scale_quantity(quantity: str, factor: int, expected: str) -> None:
     assert scale_quantity(quantity, factor) == expected
+
+
+def test_on_policy_train_stage_gets_the_teacher_and_its_key_as_a_secret_ref() -> None:
+    manifest = distillation_job("demo", api_key_secret="teacher")
+    manifest["spec"]["teacher"]["endpoint"]["promptLogprobs"] = True
+    manifest["spec"]["student"]["objective"] = "onPolicy"
+    plan = plan_of(manifest)
+    text = build_stage_config_map(plan, "train", SETTINGS)["data"]["train.yaml"]
+    config = TrainConfig.model_validate(yaml.safe_load(text))
+    assert config.teacher is not None and config.teacher.endpoint is not None
+    assert config.teacher.endpoint.base_url == "http://teacher.models.svc:8000/v1"
+    assert config.student.objective == "onPolicy"
+    env = env_of(pod_of(build_stage_job(plan, "train", SETTINGS))["containers"][0])
+    assert env["KUBEDISTILL_TEACHER_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "teacher", "key": "api-key"}}
+
+
+def test_sft_and_kd_train_stages_neither_see_the_teacher_nor_its_key() -> None:
+    for objective in ("sft", "kd"):
+        manifest = distillation_job("demo", api_key_secret="teacher")
+        manifest["spec"]["teacher"]["logprobs"] = 20
+        manifest["spec"]["student"]["objective"] = objective
+        plan = plan_of(manifest)
+        config = yaml.safe_load(build_stage_config_map(plan, "train", SETTINGS)["data"]["train.yaml"])
+        assert "teacher" not in config
+        env = env_of(pod_of(build_stage_job(plan, "train", SETTINGS))["containers"][0])
+        assert "KUBEDISTILL_TEACHER_API_KEY" not in env
+
+
+def test_objective_changes_the_train_key_but_not_the_generate_key() -> None:
+    sft = distillation_job("demo")
+    sft["spec"]["teacher"]["logprobs"] = 20
+    kd = distillation_job("demo")
+    kd["spec"]["teacher"]["logprobs"] = 20
+    kd["spec"]["student"]["objective"] = "kd"
+    a, b = plan_of(sft).keys, plan_of(kd).keys
+    assert a.generate == b.generate and a.train != b.train
+    # spelling out the default objective re-runs nothing
+    explicit = distillation_job("demo")
+    explicit["spec"]["teacher"]["logprobs"] = 20
+    explicit["spec"]["student"]["objective"] = "sft"
+    assert plan_of(explicit).keys == a
+    # an endpoint declared able to score changes no answer
+    scoring = distillation_job("demo")
+    scoring["spec"]["teacher"]["logprobs"] = 20
+    scoring["spec"]["teacher"]["endpoint"]["promptLogprobs"] = True
+    assert plan_of(scoring).keys.generate == a.generate

@@ -14,6 +14,7 @@ from kubedistill.worker.teacher.endpoint import EndpointClient
 from kubedistill.worker.teacher.limits import RateLimits
 from kubedistill.worker.teacher.store import Answer, AnswerStore
 from kubedistill.worker.teacher.writer import DatasetWriter
+from kubedistill.worker.topk import decode, encode, from_strings
 
 
 def make_store(tmp_path, **kw):
@@ -23,7 +24,8 @@ def make_store(tmp_path, **kw):
 def test_answers_flush_in_batches_and_load_back(tmp_path):
     store = make_store(tmp_path, flush_every=3, flush_seconds=3600)
     assert not store.add([Answer("k1", "a1"), Answer("k2", "a2")])
-    assert store.add([Answer("k3", "a3", logprobs=[{"token": "a", "logprob": -0.1, "top": {}}])])
+    compact = encode(from_strings([("a", -0.1)], [[("a", -0.1), ("b", -2.5)]], 2))
+    assert store.add([Answer("k3", "a3", topk=compact)])
     assert store.flush() == 3
     store.add([Answer("k4", "a4", finish_reason="length", prompt_tokens=5, completion_tokens=7)])
     assert store.flush() == 1
@@ -34,7 +36,7 @@ def test_answers_flush_in_batches_and_load_back(tmp_path):
     again = make_store(tmp_path)
     assert again.load() == 4
     assert again.get("k4") == Answer("k4", "a4", "length", 5, 7, None)
-    assert again.get("k3").logprobs == [{"token": "a", "logprob": -0.1, "top": {}}]
+    assert again.get("k3").topk == compact
     assert "k1" in again and "nope" not in again
 
 
@@ -127,3 +129,31 @@ def test_api_key_is_scrubbed_from_error_text():
     client = EndpointClient(spec, "sk-supersecret-123456", RateLimits())
     assert "supersecret" not in client._scrub("Incorrect API key provided: sk-supersecret-123456")
     assert "sk-other" not in client._scrub("bad key sk-otherkey12345")
+
+
+def test_answers_stored_before_the_compact_format_still_load(tmp_path):
+    """A batch written by an earlier version: verbose logprobs, and an answer without any."""
+    old_lines = [
+        {
+            "key": "old",
+            "content": "Paris",
+            "finishReason": "stop",
+            "usage": {"promptTokens": 9, "completionTokens": 1},
+            "logprobs": [{"token": " Paris", "logprob": -0.05, "top": {" Paris": -0.05, " Lyon": -3.2}}],
+        },
+        {"key": "plain", "content": "hi", "finishReason": "stop", "usage": {"promptTokens": 1, "completionTokens": 1}},
+    ]
+    folder = tmp_path / "answers" / "v1" / "abc"
+    folder.mkdir(parents=True)
+    batch = folder / "batch-20250101T000000000000Z-old-000000.jsonl"
+    batch.write_text("".join(json.dumps(x) + "\n" for x in old_lines))
+    store = make_store(tmp_path)
+    assert store.load() == 2
+    plain = store.get("plain")
+    assert plain is not None and plain.topk is None and plain.content == "hi"
+    old = store.get("old")
+    assert old is not None and old.topk is not None and (old.prompt_tokens, old.completion_tokens) == (9, 1)
+    dist = decode(old.topk)
+    assert dist.tokens() == [" Paris"] and [dist.table[i] for i in dist.top_ids[0]] == [" Paris", " Lyon"]
+    assert abs(float(dist.top_logprobs[0, 1]) - -3.2) < 2e-3
+    assert store.get("old").topk == old.topk  # converted the same way every time: the dataset digest holds

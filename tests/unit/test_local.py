@@ -116,3 +116,33 @@ def test_the_demo_manifest_is_a_valid_distillation_job():
     job = runner.find_job(runner.load_documents(DEMO_MANIFEST))
     assert job.spec.teacher.vllm is not None and job.spec.teacher.vllm.gpus == 0
     assert job.spec.evaluation.min_teacher_agreement >= 0.95
+
+
+@pytest.mark.parametrize("objective", ["sft", "kd", "onPolicy"])
+def test_the_demo_runs_every_objective_with_a_valid_manifest(objective, tmp_path):
+    from kubedistill.local.demo import demo_manifest
+
+    job = runner.find_job(runner.load_documents(demo_manifest(objective, tmp_path)))
+    assert job.spec.student.objective == objective
+    assert job.metadata.name == "demo-reversal"  # one job; its runs are keyed by the spec
+    if objective == "kd":
+        assert job.spec.teacher.logprobs == 20
+    plan = RunPlan(job=job, keys=compute_stage_keys(job.spec))
+    configs = runner.stage_configs(plan, [job.to_wire()], runner.LocalOptions(storage_root=tmp_path / "s3"), tmp_path)
+    train = TrainConfig.model_validate(configs["train"])
+    assert train.student.objective == objective
+    # onPolicy: the train stage serves the demo teacher itself, from the local storage root
+    assert (train.teacher is not None) == (objective == "onPolicy")
+    if train.teacher is not None:
+        assert train.teacher.vllm is not None and train.teacher.vllm.model.startswith(str(tmp_path / "s3"))
+
+
+def test_describe_says_which_objective_trained_and_its_final_losses():
+    line = runner.describe(
+        "train", {"objective": "kd", "globalStep": 9, "losses": {"ce": 0.75, "kl": 0.25, "loss": 0.5}}
+    )
+    assert line == "objective kd, step 9, final loss 0.5000 ce 0.7500 kl 0.2500"
+    on_policy = runner.describe(
+        "train", {"objective": "onPolicy", "globalStep": 3, "losses": {"loss": 0.1}, "teacherTokensScored": 96}
+    )
+    assert on_policy.endswith(", 96 tokens scored by the teacher")

@@ -606,3 +606,20 @@ def test_a_running_job_is_never_pruned() -> None:
     world.step()
     edit(world, 2)  # the old train Job is superseded while it runs: stopped (deleted), not pruned
     assert world.deleted and not world.pruned
+
+
+def test_status_says_which_objective_trained_and_its_final_losses() -> None:
+    world = World(distillation_job("demo"))
+    world.step()
+    world.finish("generate", generate_result())
+    world.step()
+    world.finish("train", train_result(objective="kd", losses={"ce": 0.4, "kl": 0.6}))
+    world.step()
+    assert world.status is not None
+    training = {"objective": "kd", "globalStep": 42, "loss": 0.5, "losses": {"ce": 0.4, "kl": 0.6}}
+    assert world.status["training"] == training
+    assert "(kd, final loss 0.5000)" in world.condition("Trained")["message"]
+    world.finish("evaluate", evaluate_result())
+    world.step()
+    assert world.status["phase"] == "Succeeded"
+    assert world.status["training"]["objective"] == "kd"  # kept once the run moved on

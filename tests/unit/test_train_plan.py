@@ -206,3 +206,58 @@ def test_each_rank_uploads_its_own_rng_state(tmp_path):
     assert files_for_rank(tmp_path, 0) == ["model.safetensors", "optimizer.pt", "rng_state_0.pth", "trainer_state.json"]
     assert files_for_rank(tmp_path, 1) == ["rng_state_1.pth"]
     assert files_for_rank(tmp_path, 2) == []
+
+
+# --------------------------------------------------------------------------- objectives
+
+
+def on_policy_config(**on_policy) -> TrainConfig:
+    return TrainConfig.model_validate(
+        {
+            "student": {
+                "model": "s3://models/student",
+                "objective": "onPolicy",
+                "onPolicy": on_policy,
+                "training": {"maxSteps": 4, "batchSize": 2, "learningRate": 1e-4},
+            },
+            "teacher": {"endpoint": {"baseURL": "http://teacher:8000/v1", "model": "big", "promptLogprobs": True}},
+            "datasetUri": "s3://b/ds",
+            "outputUri": "s3://b/model",
+            "checkpointUri": "s3://b/checkpoints",
+        }
+    )
+
+
+def test_on_policy_arguments_are_trls_server_distillation_settings():
+    """trl accepting them is checked in tests/worker/test_objectives.py (trl.experimental imports vLLM)."""
+    reverse = plan.on_policy_arguments(on_policy_config(maxNewTokens=32), "fp32", "/tmp/kd-unit", False, "http://t:1")
+    assert (reverse["beta"], reverse["loss_top_k"], reverse["loss_add_tail"]) == (1.0, 1, True)
+    assert reverse["max_completion_length"] == 32 and reverse["teacher_model_server_url"] == "http://t:1"
+    assert "max_length" not in reverse and "packing" not in reverse and "completion_only_loss" not in reverse
+    assert reverse["max_steps"] == 4 and reverse["learning_rate"] == 1e-4 and not reverse["bf16"]
+
+    forward = plan.on_policy_arguments(
+        on_policy_config(divergence="forwardKL", topK=5, temperature=0.7), "fp32", "/tmp/kd-unit", False, "http://t:1"
+    )
+    assert (forward["beta"], forward["loss_top_k"], forward["temperature"]) == (0.0, 5, 0.7)
+
+
+def test_fingerprint_of_sft_is_unchanged_and_other_objectives_differ():
+    sft = StudentSpec(model="m")
+    # the value before objectives existed: an exported sft run is still recognised after the upgrade
+    assert plan.training_fingerprint(sft, "d1") == plan.training_fingerprint(
+        StudentSpec(model="m", objective="sft"), "d1"
+    )
+    kd = StudentSpec(model="m", objective="kd")
+    assert plan.training_fingerprint(kd, "d1") != plan.training_fingerprint(sft, "d1")
+    hot = StudentSpec.model_validate({"model": "m", "objective": "kd", "kd": {"temperature": 2.0}})
+    assert plan.training_fingerprint(hot, "d1") != plan.training_fingerprint(kd, "d1")
+    policy = StudentSpec(model="m", objective="onPolicy")
+    assert plan.training_fingerprint(policy, "d1", "t1") != plan.training_fingerprint(policy, "d1", "t2")
+
+
+def test_final_losses_name_each_objectives_terms():
+    assert plan.final_losses("sft", {"loss": 0.5, "learning_rate": 1e-4}) == {"loss": 0.5, "ce": 0.5}
+    assert plan.final_losses("kd", {"loss": 0.5, "ce": 0.7, "kl": 0.3}) == {"loss": 0.5, "ce": 0.7, "kl": 0.3}
+    assert plan.final_losses("onPolicy", {"loss": 0.02}) == {"loss": 0.02, "divergence": 0.02}
+    assert plan.final_losses("kd", {}) == {}

@@ -24,6 +24,7 @@ from kubedistill.api.dataset import DatasetManifest, DatasetRecord, FailureRecor
 from kubedistill.api.worker_config import GenerateConfig
 from kubedistill.worker import common, generate
 from kubedistill.worker.teacher.keys import answer_key, teacher_settings
+from kubedistill.worker.topk import decode
 from tests.support.fault_stub import FaultStub
 from tests.support.progress import ProgressSampler
 
@@ -178,7 +179,12 @@ def test_faults_every_prompt_answered_once_retries_observed_rate_never_exceeded(
     assert sorted(r.id for r in records) == sorted(f"p{i}" for i in range(60))
     assert len({r.key for r in records}) == 60
     assert all(r.completion[0].content == f"echo: {r.prompt[-1].content}" for r in records)
-    assert all(r.logprobs and len(r.logprobs[0].top) == 2 for r in records)
+    for record in records:  # the stub names tokens by their text, as OpenAI does: stored with a string table
+        assert record.topk is not None and record.logprobs is None
+        dist = decode(record.topk)
+        assert dist.tokens() == record.completion[0].content.split(" ") and dist.k == 2
+        assert [dist.table[i] for i in dist.top_ids[0]] == ["echo:", "alt1"]  # type: ignore[index]
+        assert dist.top_logprobs[0].tolist() == [-0.25, -1.25]
     manifest = job.manifest()
     assert (manifest.counts.prompts, manifest.counts.malformed, manifest.counts.too_long) == (60, 1, 1)
     assert manifest.counts.duplicates == 1

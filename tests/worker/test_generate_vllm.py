@@ -20,6 +20,7 @@ from kubedistill.api.worker_config import GenerateConfig, StorageSettings
 from kubedistill.storage.objectstore import S3Store, upload_dir
 from kubedistill.worker import generate
 from kubedistill.worker.teacher.keys import split_value
+from kubedistill.worker.topk import decode
 from tests.support.vllm_server import VLLM_CPU_ENV
 
 pytestmark = [pytest.mark.worker, pytest.mark.slow]
@@ -80,7 +81,7 @@ def expected_split() -> dict[str, str]:
     return out
 
 
-def check_dataset(manifest: DatasetManifest, records: list[DatasetRecord], teacher_model: str) -> None:
+def check_dataset(manifest: DatasetManifest, records: list[DatasetRecord], teacher_model: str, by_id: bool) -> None:
     split = expected_split()
     assert manifest.teacher_model == teacher_model
     assert (manifest.counts.prompts, manifest.counts.malformed, manifest.counts.too_long) == (40, 1, 1)
@@ -95,9 +96,13 @@ def check_dataset(manifest: DatasetManifest, records: list[DatasetRecord], teach
         assert record.prompt[-1].role == "user" and record.completion[0].role == "assistant"
         assert 1 <= record.usage.completion_tokens <= 16 and record.usage.prompt_tokens > 0
         assert record.finish_reason in ("stop", "length")
-        # one entry per answer token (the end-of-turn token may or may not be listed)
-        assert record.logprobs and 0 <= record.usage.completion_tokens - len(record.logprobs) <= 1
-        assert all(0 < len(t.top) <= 3 for t in record.logprobs)  # top-2, plus the chosen token if outside it
+        # one position per answer token, top-2 alternatives each, most likely first
+        assert record.topk is not None and record.logprobs is None
+        dist = decode(record.topk)
+        assert dist.k == 2 and 0 <= record.usage.completion_tokens - dist.positions <= 1
+        assert bool((dist.top_logprobs[:, 0] >= dist.top_logprobs[:, 1]).all())
+        # vLLM offline names tokens by id, an OpenAI-compatible API by their text
+        assert (dist.table is None) == by_id
     assert manifest.usage.prompt_tokens == sum(r.usage.prompt_tokens for r in records)
     assert manifest.usage.completion_tokens == sum(r.usage.completion_tokens for r in records)
 
@@ -107,7 +112,8 @@ def test_endpoint_teacher_vllm_server_to_s3(s3, bucket, vllm_teacher, tmp_path):
     result, stats = generate.run(GenerateConfig.model_validate(doc))
 
     manifest, records = read_dataset(s3, bucket)
-    check_dataset(manifest, records, "teacher")
+    check_dataset(manifest, records, "teacher", by_id=False)
+    assert manifest.teacher_tokenizer is None  # an API teacher's tokenizer is not at hand
     assert (result.examples, result.requested, result.failed, result.digest) == (40, 40, 0, manifest.digest)
     assert stats.calls.retries == 0
 
@@ -139,6 +145,21 @@ def test_offline_vllm_teacher_same_format(s3, bucket, tiny_model_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
 
     manifest, records = read_dataset(s3, bucket)
-    check_dataset(manifest, records, model_uri)
+    check_dataset(manifest, records, model_uri, by_id=True)
     summary = json.loads(termination.read_text())
     assert (summary["examples"], summary["requested"], summary["digest"]) == (40, 40, manifest.digest)
+
+    # the ids are the teacher's: its tokenizer, saved beside the dataset, turns them back into the answers
+    from transformers import AutoTokenizer
+
+    assert manifest.teacher_tokenizer == "teacher-tokenizer"
+    saved = tmp_path / "teacher-tokenizer"
+    client = s3.client()
+    for obj in client.list_objects_v2(Bucket=bucket, Prefix="run/dataset/teacher-tokenizer/")["Contents"]:
+        (saved / obj["Key"].rsplit("/", 1)[-1]).parent.mkdir(parents=True, exist_ok=True)
+        client.download_file(bucket, obj["Key"], str(saved / obj["Key"].rsplit("/", 1)[-1]))
+    tokenizer = AutoTokenizer.from_pretrained(saved)
+    assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(tiny_model_dir).get_vocab()
+    for record in records:
+        text = tokenizer.decode(decode(record.topk).ids, skip_special_tokens=True)  # type: ignore[arg-type]
+        assert text == record.completion[0].content

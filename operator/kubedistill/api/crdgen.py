@@ -128,6 +128,8 @@ DISTILLATION_JOB = CrdDescription(
         _AGE,
         PrinterColumn("Model", "string", ".spec.output.model.name", "The DistilledModel published.", priority=1),
         PrinterColumn("Run", "string", ".status.runId", "The current run.", priority=1),
+        PrinterColumn("Objective", "string", ".spec.student.objective", "sft, kd or onPolicy.", priority=1),
+        PrinterColumn("Loss", "number", ".status.training.loss", "Final training loss of the objective.", priority=1),
     ),
 )
 

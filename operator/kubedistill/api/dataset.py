@@ -6,6 +6,7 @@ Layout under a dataset prefix (``<output.uri>/datasets/<datasetKey>/``)::
     shards/train-00000.jsonl       DatasetRecord lines, split "train"
     shards/eval-00000.jsonl        DatasetRecord lines, split "eval"
     failures.jsonl                 optional: FailureRecord lines (rejected lines, failed prompts)
+    teacher-tokenizer/             optional: the teacher's tokenizer, when records carry top-k token ids
 
 Records use trl's conversational prompt-completion format (``prompt`` is a list
 of messages ending with the user turn, ``completion`` the assistant turn), so
@@ -25,6 +26,7 @@ from kubedistill.api.base import ApiModel
 MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
 FAILURES_NAME = "failures.jsonl"
+TEACHER_TOKENIZER_DIR = "teacher-tokenizer"
 DATASET_FORMAT_VERSION = 1
 
 Split = Literal["train", "eval"]
@@ -51,7 +53,8 @@ class Usage(ApiModel):
 
 
 class TokenLogprob(ApiModel):
-    """One answer token with its top-k alternatives (when logprobs were asked for)."""
+    """One answer token with its top-k alternatives: the verbose form of datasets written before ``topk``
+    (still read; new datasets carry ``DatasetRecord.topk``)."""
 
     token: str
     logprob: float
@@ -68,7 +71,12 @@ class DatasetRecord(ApiModel):
     completion: list[Message] = Field(description="Exactly one assistant message.")
     finish_reason: str | None = None
     usage: Usage = Field(default_factory=Usage)
-    logprobs: list[TokenLogprob] | None = None
+    logprobs: list[TokenLogprob] | None = Field(default=None, description="Verbose top-k logprobs (older datasets).")
+    topk: str | None = Field(
+        default=None,
+        description="The teacher's top-k logprobs of every answer token, compact (kubedistill.worker.topk): "
+        "token ids of the teacher's vocabulary (manifest teacherTokenizer) or, for API teachers, token strings.",
+    )
 
 
 class ShardInfo(ApiModel):
@@ -120,6 +128,11 @@ class DatasetManifest(ApiModel):
     digest: str = Field(description="sha256 over the shard digests, in order: identifies the dataset's content.")
     created_at: str
     failures: str | None = Field(default=None, description="failures.jsonl, relative to the dataset prefix, when any.")
+    teacher_tokenizer: str | None = Field(
+        default=None,
+        description="Prefix of the teacher's tokenizer files, relative to the dataset prefix: written when records "
+        "carry top-k token ids, so training can check the student's tokenizer against the teacher's.",
+    )
 
 
 def dataset_digest(shards: Sequence[ShardInfo]) -> str:

@@ -176,6 +176,12 @@ class EndpointTeacher(ApiModel):
     )
     timeout_seconds: float = Field(default=120.0, gt=0, le=3600, description="Timeout of one request, in seconds.")
     max_retries: int = Field(default=6, ge=0, le=100, description="Retries of one request before it counts as failed.")
+    prompt_logprobs: bool = Field(
+        default=False,
+        description="The endpoint is a vLLM server that scores given tokens (prompt_logprobs on /v1/completions): "
+        "the train stage of student.objective onPolicy asks it to score the student's answers. "
+        "OpenAI-style APIs cannot; leave false for them.",
+    )
 
 
 _TP_WITHIN_GPUS = "teacher.vllm.tensorParallelSize must not exceed teacher.vllm.gpus (and must be 1 when gpus is 0)"
@@ -235,7 +241,11 @@ class TeacherSpec(ApiModel):
     sampling: Sampling = Field(default_factory=Sampling, description="Sampling settings of the teacher.")
     system_prompt: str | None = Field(default=None, description="System prompt prepended to every prompt.")
     logprobs: int | None = Field(
-        default=None, ge=0, le=20, description="Capture this many top logprobs per answer token (0 or unset: none)."
+        default=None,
+        ge=0,
+        le=20,
+        description="Capture this many top logprobs per answer token (0 or unset: none), stored compactly with "
+        "the answers; student.objective kd trains on them.",
     )
 
     @model_validator(mode="after")
@@ -355,6 +365,84 @@ class TrainingSpec(ApiModel):
 
 _ADAPTER_NEEDS_LORA = "student.export adapter needs student.method lora (full fine-tuning has no adapter)"
 
+Objective = Literal["sft", "kd", "onPolicy"]
+OBJECTIVES: tuple[Objective, ...] = ("sft", "kd", "onPolicy")
+
+
+class KDSpec(ApiModel):
+    """Offline logit distillation (objective kd): the teacher's top-k logprobs, captured when it answered.
+
+    Per answer token the teacher's top-k probabilities plus one tail bucket (the mass outside its
+    top k) form a distribution; the student's probabilities of the same k tokens plus its own tail
+    form another. loss = alpha * temperature^2 * KL(teacher || student) + (1 - alpha) * cross-entropy
+    on the teacher's answer.
+    """
+
+    alpha: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="Weight of the KL term; 1 - alpha weighs cross-entropy on the teacher's answer tokens.",
+    )
+    temperature: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=10.0,
+        description="Softens the teacher's and the student's top-k + tail distributions alike; "
+        "the KL term is scaled by temperature squared.",
+    )
+
+
+_TOPK_FORWARD_ONLY = "student.onPolicy.topK applies to divergence forwardKL only (reverseKL scores the sampled token)"
+
+
+class OnPolicySpec(ApiModel):
+    """On-policy distillation (objective onPolicy): the student answers the training prompts itself and
+    the teacher scores every token it sampled (trl's server distillation against a vLLM teacher)."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                cel("!has(self.topK) || (has(self.divergence) && self.divergence == 'forwardKL')", _TOPK_FORWARD_ONLY)
+            ]
+        }
+    }
+
+    divergence: Literal["reverseKL", "forwardKL"] = Field(
+        default="reverseKL",
+        description="reverseKL: per token, KL(student || teacher) on the sampled token plus the tail "
+        "(mode-seeking, as in GKD and MiniLLM); forwardKL: KL(teacher || student) on the teacher's top-k "
+        "plus the tail.",
+    )
+    top_k: int | None = Field(
+        default=None, ge=1, le=20, description="forwardKL: teacher logprobs per position (default 20)."
+    )
+    max_new_tokens: int = Field(
+        default=256, ge=1, le=32768, description="Longest answer the student samples per prompt during training."
+    )
+    temperature: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=2.0,
+        description="Temperature the student samples at; the teacher scores its tokens at the same temperature.",
+    )
+
+    @model_validator(mode="after")
+    def _top_k_forward_only(self) -> OnPolicySpec:
+        if self.top_k is not None and self.divergence != "forwardKL":
+            raise ValueError(_TOPK_FORWARD_ONLY)
+        return self
+
+
+_KD_BLOCK = "student.kd is read only with student.objective kd: set objective: kd or remove student.kd"
+_ON_POLICY_BLOCK = (
+    "student.onPolicy is read only with student.objective onPolicy: set objective: onPolicy or remove student.onPolicy"
+)
+_KD_NO_PACKING = (
+    "student.objective kd aligns the teacher's distributions with each answer's own tokens: "
+    "set student.training.packing to false"
+)
+
 
 class StudentSpec(ApiModel):
     """The small pre-trained model to fine-tune on the teacher's answers."""
@@ -362,7 +450,14 @@ class StudentSpec(ApiModel):
     model_config = ApiModel.model_config | {
         "json_schema_extra": {
             "x-kubernetes-validations": [
-                cel("!has(self.export) || self.export != 'adapter' || self.method == 'lora'", _ADAPTER_NEEDS_LORA)
+                cel("!has(self.export) || self.export != 'adapter' || self.method == 'lora'", _ADAPTER_NEEDS_LORA),
+                cel("!has(self.kd) || (has(self.objective) && self.objective == 'kd')", _KD_BLOCK),
+                cel("!has(self.onPolicy) || (has(self.objective) && self.objective == 'onPolicy')", _ON_POLICY_BLOCK),
+                cel(
+                    "!has(self.objective) || self.objective != 'kd' || !has(self.training) || "
+                    "!has(self.training.packing) || !self.training.packing",
+                    _KD_NO_PACKING,
+                ),
             ]
         }
     }
@@ -380,12 +475,37 @@ class StudentSpec(ApiModel):
     export: Literal["merged", "adapter"] = Field(
         default="merged", description="merged: full safetensors vLLM serves as is; adapter: the LoRA adapter only."
     )
+    objective: Objective = Field(
+        default="sft",
+        description="What the student learns from. sft: the teacher's answer text (cross-entropy). "
+        "kd: also the teacher's top-k probabilities of every answer token (needs teacher.logprobs). "
+        "onPolicy: its own sampled answers, scored token by token by the teacher (needs a teacher that "
+        "scores tokens: teacher.vllm, or teacher.endpoint.promptLogprobs).",
+    )
+    kd: KDSpec | None = Field(default=None, description="Settings of objective kd.")
+    on_policy: OnPolicySpec | None = Field(default=None, description="Settings of objective onPolicy.")
 
     @model_validator(mode="after")
     def _adapter_needs_lora(self) -> StudentSpec:
         if self.export == "adapter" and self.method != "lora":
             raise ValueError(_ADAPTER_NEEDS_LORA)
+        if self.kd is not None and self.objective != "kd":
+            raise ValueError(_KD_BLOCK)
+        if self.on_policy is not None and self.objective != "onPolicy":
+            raise ValueError(_ON_POLICY_BLOCK)
+        if self.objective == "kd" and self.training.packing:
+            raise ValueError(_KD_NO_PACKING)
         return self
+
+    @property
+    def kd_settings(self) -> KDSpec:
+        """objective kd's settings, defaults filled in."""
+        return self.kd or KDSpec()
+
+    @property
+    def on_policy_settings(self) -> OnPolicySpec:
+        """objective onPolicy's settings, defaults filled in."""
+        return self.on_policy or OnPolicySpec()
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -717,6 +837,19 @@ class ResourcesSpec(ApiModel):
 
 
 _POOL_NEEDS_ADAPTER = "output.model.pool needs student.export adapter (a pool serves LoRA adapters of its base)"
+_KD_NEEDS_LOGPROBS = (
+    "student.objective kd trains on the teacher's top-k logprobs: set spec.teacher.logprobs "
+    "(1-20; 20 recommended), or use objective sft"
+)
+_ON_POLICY_NEEDS_SCORER = (
+    "student.objective onPolicy needs a teacher that scores the student's tokens: use spec.teacher.vllm "
+    "(run in the train pod), or a vLLM endpoint with spec.teacher.endpoint.promptLogprobs: true "
+    "(OpenAI-style APIs cannot score given tokens)"
+)
+_ON_POLICY_ONE_NODE = (
+    "student.objective onPolicy with spec.teacher.vllm runs the teacher inside the train pod: "
+    "set spec.resources.nodes to 1, or serve the teacher with vLLM and use spec.teacher.endpoint"
+)
 
 
 class DistillationJobSpec(ApiModel):
@@ -728,7 +861,27 @@ class DistillationJobSpec(ApiModel):
                 cel(
                     "!has(self.output.model.pool) || (has(self.student.export) && self.student.export == 'adapter')",
                     _POOL_NEEDS_ADAPTER,
-                )
+                ),
+                cel(
+                    "!has(self.student.objective) || self.student.objective != 'kd' || "
+                    "(has(self.teacher.logprobs) && self.teacher.logprobs > 0)",
+                    _KD_NEEDS_LOGPROBS,
+                    ".student.objective",
+                ),
+                cel(
+                    "!has(self.student.objective) || self.student.objective != 'onPolicy' || has(self.teacher.vllm) || "
+                    "(has(self.teacher.endpoint) && has(self.teacher.endpoint.promptLogprobs) && "
+                    "self.teacher.endpoint.promptLogprobs)",
+                    _ON_POLICY_NEEDS_SCORER,
+                    ".student.objective",
+                ),
+                cel(
+                    "!has(self.student.objective) || self.student.objective != 'onPolicy' || "
+                    "!has(self.teacher.vllm) || !has(self.resources) || !has(self.resources.nodes) || "
+                    "self.resources.nodes == 1",
+                    _ON_POLICY_ONE_NODE,
+                    ".student.objective",
+                ),
             ]
         }
     }
@@ -750,6 +903,18 @@ class DistillationJobSpec(ApiModel):
             raise ValueError("output.model: set serving or pool, not both")
         if output.pool is not None and self.student.export != "adapter":
             raise ValueError(_POOL_NEEDS_ADAPTER)
+        return self
+
+    @model_validator(mode="after")
+    def _objective_fits_teacher(self) -> DistillationJobSpec:
+        objective, teacher = self.student.objective, self.teacher
+        if objective == "kd" and not teacher.logprobs:
+            raise ValueError(_KD_NEEDS_LOGPROBS)
+        if objective == "onPolicy":
+            if teacher.vllm is None and not (teacher.endpoint is not None and teacher.endpoint.prompt_logprobs):
+                raise ValueError(_ON_POLICY_NEEDS_SCORER)
+            if teacher.vllm is not None and self.resources.nodes != 1:
+                raise ValueError(_ON_POLICY_ONE_NODE)
         return self
 
 
@@ -898,6 +1063,24 @@ class RunRecord(ApiModel):
     )
 
 
+class TrainingStatus(ApiModel):
+    """What the train stage of the current run optimised, and where it ended."""
+
+    model_config = ApiModel.model_config | {"extra": "ignore"}
+
+    objective: Objective | None = Field(default=None, description="The objective that ran: sft, kd or onPolicy.")
+    global_step: int | None = Field(default=None, ge=0, description="Optimizer steps taken.")
+    loss: float | None = Field(default=None, description="The objective's training loss at the last logged step.")
+    losses: dict[str, float] | None = Field(
+        default=None,
+        description="Each term of the loss at the last logged step: ce (cross-entropy), kl (kd's KL term), "
+        "divergence (onPolicy's).",
+    )
+    teacher_tokens_scored: int | None = Field(
+        default=None, ge=0, description="onPolicy: student tokens the teacher scored during training."
+    )
+
+
 class DistillationJobStatus(ApiModel):
     """What the operator observed; written only by the operator."""
 
@@ -930,6 +1113,7 @@ class DistillationJobStatus(ApiModel):
     stages: StagesStatus | None = Field(default=None, description="Per-stage status and Job names.")
     dataset: DatasetStatus | None = Field(default=None, description="The teacher dataset.")
     model: ModelArtifact | None = Field(default=None, description="The trained, exported student model.")
+    training: TrainingStatus | None = Field(default=None, description="The objective trained and its final losses.")
     evaluation: EvaluationStatus | None = Field(default=None, description="Evaluation results and gate decision.")
     distilled_model: str | None = Field(default=None, description="Name of the DistilledModel published by this job.")
     history: list[RunRecord] | None = Field(

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from kubedistill.api.base import ApiModel
-from kubedistill.api.v1alpha1 import EvaluationSpec, Sampling, StudentSpec, TeacherSpec
+from kubedistill.api.v1alpha1 import EvaluationSpec, Objective, Sampling, StudentSpec, TeacherSpec
 
 TEACHER_API_KEY_ENV = "KUBEDISTILL_TEACHER_API_KEY"
 CONFIG_DIR = "/etc/kubedistill"
@@ -155,6 +155,14 @@ class TrainConfig(ApiModel):
     """train: dataset -> fine-tuned student -> exported model."""
 
     student: StudentSpec
+    teacher: TeacherSpec | None = Field(
+        default=None,
+        description="objective onPolicy: the teacher that scores the student's tokens (its vLLM server, "
+        "or the model the worker serves with vLLM for the run).",
+    )
+    api_key_env: str = Field(
+        default=TEACHER_API_KEY_ENV, description="objective onPolicy: environment variable holding the teacher API key."
+    )
     dataset_uri: str = Field(description="Dataset prefix written by generate (manifest.json inside).")
     output_uri: str = Field(description="Prefix the exported model is uploaded to.")
     checkpoint_uri: str = Field(description="Prefix for checkpoints; a restarted run resumes from the newest one.")
@@ -165,6 +173,12 @@ class TrainConfig(ApiModel):
     progress: ProgressTarget = Field(default_factory=ProgressTarget, description="Where live progress goes.")
     work_dir: str = Field(default="/tmp/kubedistill", description="Local scratch directory.")
     storage: StorageSettings = Field(default_factory=StorageSettings)
+
+    @model_validator(mode="after")
+    def _on_policy_has_teacher(self) -> TrainConfig:
+        if self.student.objective == "onPolicy" and self.teacher is None:
+            raise ValueError("student.objective onPolicy needs teacher: the model that scores the student's tokens")
+        return self
 
 
 class EvaluateConfig(ApiModel):
@@ -245,6 +259,13 @@ class TrainResult(ApiModel):
     )
     train_seconds: float | None = Field(default=None, description="Wall time of this run's training loop.")
     resumed_from_step: int | None = Field(default=None, description="Checkpoint step this run resumed from, if any.")
+    objective: Objective = Field(default="sft", description="The objective trained: sft, kd or onPolicy.")
+    losses: dict[str, float] = Field(
+        default_factory=dict, description="Each loss term at the last logged step (ce, kl, divergence)."
+    )
+    teacher_tokens_scored: int | None = Field(
+        default=None, description="onPolicy: student tokens the teacher scored during training."
+    )
 
 
 class FetchResult(ApiModel):

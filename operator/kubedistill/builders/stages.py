@@ -4,8 +4,9 @@ Pure: a RunPlan and the operator settings in, manifests (plain dicts) out.
 
 Every stage pod runs ``kubedistill-worker <stage> --config /etc/kubedistill/<stage>.yaml``
 (through ``torchrun`` when training spans several GPUs or nodes). Secrets reach the pod
-only as ``secretKeyRef`` environment variables: the teacher API key in the generate pod,
-the S3 credentials in every pod. Pods pass the `restricted` Pod Security Standard.
+only as ``secretKeyRef`` environment variables: the teacher API key in the generate pod
+(and the train pod of objective onPolicy, which asks the teacher to score), the S3 credentials
+in every pod. Pods pass the `restricted` Pod Security Standard.
 """
 
 from __future__ import annotations
@@ -107,8 +108,12 @@ def build_generate_config(plan: RunPlan) -> GenerateConfig:
 
 
 def build_train_config(plan: RunPlan) -> TrainConfig:
+    spec = plan.job.spec
     return TrainConfig(
-        student=plan.job.spec.student,
+        student=spec.student,
+        # onPolicy: the teacher scores the student's samples during training
+        teacher=spec.teacher if spec.student.objective == "onPolicy" else None,
+        api_key_env=TEACHER_API_KEY_ENV,
         dataset_uri=plan.dataset_uri,
         output_uri=plan.model_uri,
         checkpoint_uri=plan.checkpoint_uri,
@@ -272,13 +277,18 @@ def grace_seconds(stage: Stage) -> int:
     return TRAIN_GRACE_SECONDS if stage == "train" else GRACE_SECONDS
 
 
+def _asks_teacher(plan: RunPlan, stage: Stage) -> bool:
+    """generate asks the teacher for answers; train asks it to score the student's answers (onPolicy)."""
+    return stage == "generate" or (stage == "train" and plan.job.spec.student.objective == "onPolicy")
+
+
 def _env(plan: RunPlan, stage: Stage, placement: Placement, settings: OperatorSettings) -> list[dict[str, Any]]:
     spec = plan.job.spec
     env: list[dict[str, Any]] = [
         {"name": "KUBEDISTILL_LOG_LEVEL", "value": settings.log_level},
         {"name": GRACE_SECONDS_ENV, "value": str(grace_seconds(stage))},
     ]
-    if stage == "generate" and spec.teacher.endpoint is not None and spec.teacher.endpoint.api_key_secret_ref:
+    if _asks_teacher(plan, stage) and spec.teacher.endpoint is not None and spec.teacher.endpoint.api_key_secret_ref:
         env.append(secret_env(TEACHER_API_KEY_ENV, spec.teacher.endpoint.api_key_secret_ref))
     env.extend(storage_env(spec.storage))
     if placement.nodes > 1:

@@ -2,6 +2,7 @@
 
     kubedistill local demo                     # prepare (once), distil, gate, serve until Ctrl-C
     kubedistill local demo --serve-seconds 30  # ...and stop serving after 30 s
+    kubedistill local demo --objective kd      # train on the teacher's top-20 logprobs too (or onPolicy)
 
 A real distillation needs a teacher worth imitating. With no hub to download
 one from, the demo makes its own: a small transformer (4 layers) trained by the
@@ -24,6 +25,9 @@ import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from kubedistill.api.dataset import DatasetCounts, DatasetRecord, Message, Split
 from kubedistill.api.v1alpha1 import StudentSpec
@@ -157,7 +161,44 @@ def prepare(options: LocalOptions) -> None:
     write_prompts(root)
 
 
-def run_demo(options: LocalOptions) -> LocalRun:
-    options.echo("kubedistill local demo: preparing a teacher, a student base and prompts")
+# What each objective changes in demo.yaml (the rest, teacher and prompts above all, stays).
+OBJECTIVE_EDITS: dict[str, dict[str, Any]] = {
+    "sft": {},
+    # the teacher's top-20 logprobs of every answer token, captured when it answers
+    "kd": {"teacher": {"logprobs": 20}, "student": {"objective": "kd", "kd": {"alpha": 0.5, "temperature": 1.0}}},
+    # the student answers the prompts itself and the teacher, served by vLLM during training, scores each token;
+    # a student that starts from random weights samples noise for a long while, so fewer, larger steps
+    "onPolicy": {
+        "student": {
+            "objective": "onPolicy",
+            "onPolicy": {"maxNewTokens": 16, "temperature": 1.0},
+            "training": {"maxSteps": 300, "learningRate": 0.003},
+        }
+    },
+}
+
+
+def demo_manifest(objective: str, workdir: Path) -> Path:
+    """demo.yaml, or a copy with the objective's edits (same job name: its runs are keyed by spec)."""
+    if objective == "sft":
+        return DEMO_MANIFEST
+    doc = yaml.safe_load(DEMO_MANIFEST.read_text())
+    _merge(doc["spec"], OBJECTIVE_EDITS[objective])
+    path = workdir / f"demo-{objective}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def _merge(into: dict[str, Any], edits: dict[str, Any]) -> None:
+    for key, value in edits.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def run_demo(options: LocalOptions, objective: str = "sft") -> LocalRun:
+    options.echo(f"kubedistill local demo (objective {objective}): preparing a teacher, a student base and prompts")
     prepare(options)
-    return run_local(DEMO_MANIFEST, options)
+    return run_local(demo_manifest(objective, options.workdir), options)

@@ -284,8 +284,13 @@ def describe(stage: str, result: Mapping[str, Any]) -> str:
             f"{result.get('requested', 0)} teacher requests, {result.get('failed', 0)} failed"
         )
     if stage == "train":
-        loss = result.get("trainLoss")
-        return f"step {result['globalStep']}, loss {loss:.3f}" if loss is not None else f"step {result['globalStep']}"
+        objective = result.get("objective", "sft")
+        losses = result.get("losses") or {}
+        terms = sorted(losses.items(), key=lambda item: item[0] != "loss")  # the total first, then its terms
+        final = " ".join(f"{name} {value:.4f}" for name, value in terms)
+        scored = result.get("teacherTokensScored")
+        extra = f", {scored} tokens scored by the teacher" if scored else ""
+        return f"objective {objective}, step {result['globalStep']}, final {final or 'loss n/a'}{extra}"
     return f"teacher agreement {result['teacherAgreement']:.3f} over {result['examples']} examples"
 
 

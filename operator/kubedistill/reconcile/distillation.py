@@ -35,6 +35,7 @@ from kubedistill.api.v1alpha1 import (
     RunRecord,
     StagesStatus,
     StageStatus,
+    TrainingStatus,
 )
 from kubedistill.api.worker_config import (
     EXIT_FAILED,
@@ -118,6 +119,7 @@ class _Walk:
     conditions: list[Condition] = field(default_factory=list)
     dataset: DatasetStatus | None = None
     model: ModelArtifact | None = None
+    training: TrainingStatus | None = None
     evaluation: EvaluationStatus | None = None
     adapter: bool = False
     blocked_at: Stage | None = None  # the first stage that is not done
@@ -130,6 +132,9 @@ def _stage_summary(stage: Stage, status: StageStatus, walk: _Walk) -> str:
         examples = "?" if walk.dataset.examples is None else walk.dataset.examples
         return f"dataset {walk.dataset.uri} ({examples} examples)"
     if stage == "train" and walk.model is not None:
+        training = walk.training
+        if training is not None and training.objective is not None and training.loss is not None:
+            return f"model {walk.model.uri} ({training.objective}, final loss {training.loss:.4f})"
         return f"model {walk.model.uri}"
     if stage == "evaluate" and walk.evaluation is not None and walk.evaluation.teacher_agreement is not None:
         return f"teacher agreement {walk.evaluation.teacher_agreement:.4f}"
@@ -150,6 +155,13 @@ def _record_result(plan: RunPlan, result: BaseModel, walk: _Walk) -> None:
         digest = result.digest if _DIGEST.match(result.digest) else None
         walk.model = ModelArtifact(uri=plan.model_uri, digest=digest)
         walk.adapter = result.adapter
+        walk.training = TrainingStatus(
+            objective=result.objective,
+            global_step=result.global_step,
+            loss=result.losses.get("loss", result.train_loss),
+            losses={k: v for k, v in result.losses.items() if k != "loss"} or None,
+            teacher_tokens_scored=result.teacher_tokens_scored,
+        )
     elif isinstance(result, EvaluateResult):
         gate = plan.job.spec.evaluation.min_teacher_agreement
         walk.evaluation = EvaluationStatus(
@@ -167,6 +179,7 @@ def _carry_summaries(old: DistillationJobStatus, stage: Stage, walk: _Walk, plan
         walk.dataset = old.dataset or DatasetStatus(uri=plan.dataset_uri)
     elif stage == "train":
         walk.model = old.model or ModelArtifact(uri=plan.model_uri)
+        walk.training = old.training
         student = plan.job.spec.student
         walk.adapter = student.method == "lora" and student.export == "adapter"
     else:
@@ -485,6 +498,7 @@ def compute_job_decision(
         ),
         dataset=walk.dataset,
         model=walk.model,
+        training=walk.training,
         evaluation=walk.evaluation,
         distilled_model=output.name if (published and output.serve) else (old.distilled_model if not new_run else None),
     )

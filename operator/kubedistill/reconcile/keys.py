@@ -38,6 +38,9 @@ _OPERATIONAL_ENDPOINT_FIELDS = {
     "tokens_per_minute",
     "timeout_seconds",
     "max_retries",
+    # whether the endpoint can score tokens changes no answer; objective onPolicy needs it, and the
+    # objective is part of the train key
+    "prompt_logprobs",
 }
 _OPERATIONAL_VLLM_FIELDS = {"tensor_parallel_size", "gpus"}
 

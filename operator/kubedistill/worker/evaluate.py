@@ -26,6 +26,7 @@ from kubedistill.storage.datasets import DatasetError, load_records
 from kubedistill.storage.objectstore import ObjectStore, StorageError, download_prefix, is_s3, join, open_store
 from kubedistill.worker import metrics
 from kubedistill.worker.common import WorkerError
+from kubedistill.worker.fetch import METADATA_NAME
 from kubedistill.worker.report import ProgressReporter
 
 CONFIG = EvaluateConfig
@@ -56,6 +57,7 @@ def main(config: EvaluateConfig) -> dict[str, Any]:
         "agreementMetric": config.evaluation.agreement_metric,
         "generationSeconds": round(seconds, 3),
         "engine": config.engine,
+        "training": training_summary(model_dir),
         "examples": examples,
     }
     report_uri = join(config.report_uri, "report.json")
@@ -126,6 +128,21 @@ def write_report(config: EvaluateConfig, report: dict[str, Any], uri: str) -> No
         )
     except StorageError as err:
         raise WorkerError(f"cannot write the evaluation report: {err}") from err
+
+
+def training_summary(model_dir: Path) -> dict[str, Any] | None:
+    """How the student was trained, from its export's kubedistill.json: the objective and its final losses."""
+    try:
+        metadata = json.loads((model_dir / METADATA_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    metrics = metadata.get("metrics") or {}
+    return {
+        "objective": (metadata.get("trainer_config") or {}).get("objective", "sft"),
+        "globalStep": metadata.get("global_step"),
+        "losses": metrics.get("losses") or {},
+        "teacherTokensScored": metrics.get("teacher_tokens_scored"),
+    }
 
 
 def resolve_model(config: EvaluateConfig) -> Path:

@@ -42,17 +42,25 @@ from pathlib import Path
 from typing import Any
 
 from kubedistill.api.dataset import (
+    TEACHER_TOKENIZER_DIR,
     DatasetCounts,
     DatasetManifest,
     DatasetRecord,
     FailureRecord,
     Message,
     Split,
-    TokenLogprob,
     Usage,
 )
 from kubedistill.api.worker_config import GenerateConfig, GenerateResult
-from kubedistill.storage.objectstore import ObjectStore, StorageError, is_s3, local_path, open_store
+from kubedistill.storage.objectstore import (
+    ObjectStore,
+    StorageError,
+    is_s3,
+    join,
+    local_path,
+    open_store,
+    upload_dir,
+)
 from kubedistill.worker.common import Preempted, WorkerError
 from kubedistill.worker.teacher.keys import settings_digest, teacher_settings
 from kubedistill.worker.teacher.online import EndpointPass
@@ -308,7 +316,10 @@ def write_dataset(
     if counts.train == 0:
         raise WorkerError(f"no training examples: all {counts.eval} answered prompts are in the eval split")
     manifest = writer.finish(
-        teacher_model=config.teacher.model_name, counts=counts, settings_digest=settings_digest(config.teacher)
+        teacher_model=config.teacher.model_name,
+        counts=counts,
+        settings_digest=settings_digest(config.teacher),
+        teacher_tokenizer=write_teacher_tokenizer(config, work),
     )
     log.info(
         "generate wrote %s: train=%d eval=%d failed=%d malformed=%d too_long=%d reused=%d requested=%d digest=%s",
@@ -316,6 +327,19 @@ def write_dataset(
         counts.reused, counts.requested, manifest.digest,
     )  # fmt: skip
     return result_of(config, manifest)
+
+
+def write_teacher_tokenizer(config: GenerateConfig, work: Path) -> str | None:
+    """A vLLM teacher's top-k are token ids of its vocabulary: its tokenizer goes beside the dataset, so the
+    train stage can check that the student's is the same (objective kd). Returns the relative prefix."""
+    spec = config.teacher.vllm
+    if spec is None or not config.teacher.logprobs:
+        return None
+    from kubedistill.worker.teacher.offline import save_tokenizer
+
+    local = save_tokenizer(spec.model, store_for(spec.model, config) if is_s3(spec.model) else None, work)
+    upload_dir(store_for(config.output_uri, config), local, join(config.output_uri, TEACHER_TOKENIZER_DIR))
+    return TEACHER_TOKENIZER_DIR
 
 
 def build_record(prompt: Prompt, answer: Answer) -> DatasetRecord:
@@ -327,7 +351,7 @@ def build_record(prompt: Prompt, answer: Answer) -> DatasetRecord:
         completion=[Message(role="assistant", content=answer.content)],
         finish_reason=answer.finish_reason,
         usage=Usage(prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens),
-        logprobs=[TokenLogprob.model_validate(entry) for entry in answer.logprobs] if answer.logprobs else None,
+        topk=answer.topk,
     )
 
 

@@ -24,7 +24,8 @@ What happens, in order:
 1. Pre-flight, before any weight is loaded: the dataset is complete and not
    empty, output and checkpoint URIs are writable, the tokenizer has a chat
    template (or one is configured), tokenizer and model vocabularies agree,
-   maxSeqLength fits the model. Each failure is one clear line.
+   maxSeqLength fits the model; objectives kd and onPolicy: teacher and student
+   tokenizers agree (train_kd, train_onpolicy). Each failure is one clear line.
 2. If the output URI already holds this exact training (same fingerprint),
    its result is returned: a re-run after a lost termination message is free.
 3. The student (``s3://`` prefixes are fetched once per node and verified) and
@@ -32,7 +33,10 @@ What happens, in order:
 4. trl's ``SFTTrainer``: LoRA (peft) or full fine-tuning on the conversational
    prompt-completion records, completion-only loss, optional packing, bf16 on
    GPUs and fp32 on CPUs, resumed from the newest complete checkpoint in
-   ``checkpointUri`` when there is one.
+   ``checkpointUri`` when there is one. Objective kd: the same trainer with the
+   top-k + tail KL on the teacher's stored distributions (train_kd.py);
+   onPolicy: trl's ServerDistillationTrainer, the student sampling and a vLLM
+   teacher scoring (train_onpolicy.py).
 5. Checkpoints go to ``checkpointUri`` every ``checkpointEverySteps`` steps and
    on SIGTERM, after which the worker exits 143 ("Preempted: ...").
 6. Export (rank 0): merged safetensors (or the adapter) + tokenizer + chat
@@ -51,7 +55,7 @@ from kubedistill.api.worker_config import TrainConfig, TrainResult
 from kubedistill.storage.objectstore import ObjectStore, StorageError, join, open_store
 from kubedistill.worker import train_dist
 from kubedistill.worker.common import Preempted, WorkerError
-from kubedistill.worker.train_data import check_not_empty, load_train_records, read_manifest
+from kubedistill.worker.train_data import check_not_empty, load_train_records, read_manifest, to_trl_record
 from kubedistill.worker.train_plan import (
     ModelSource,
     PlanError,
@@ -61,9 +65,11 @@ from kubedistill.worker.train_plan import (
     check_vocabulary,
     choose_precision,
     export_dtype_name,
+    final_losses,
     load_dtype_name,
     lora_arguments,
     model_source,
+    on_policy_arguments,
     sft_arguments,
     training_fingerprint,
 )
@@ -77,11 +83,13 @@ def main(config: TrainConfig) -> dict[str, Any]:
 
     preemption = Preemption()
     preemption.install()
+    run = TrainRun(config, preemption)
     try:
-        return TrainRun(config, preemption).run()
+        return run.run()
     except PlanError as err:
         raise WorkerError(str(err)) from err
     finally:
+        run.stop_teacher()  # objective onPolicy with teacher.vllm: the server started for the run
         preemption.restore()
 
 
@@ -127,6 +135,9 @@ class TrainRun:
         self.preemption = preemption
         self.work_dir = Path(config.work_dir)
         self.flash_attention = False
+        self.teacher_server: Any = None
+        self.scoring: Any = None  # objective onPolicy: the client that asks the teacher to score
+        self.kd_k = 0  # objective kd: alternatives per position in the teacher's distributions
         self.dataset_store = open_store(config.dataset_uri, config.storage)
         self.output_store = open_store(config.output_uri, config.storage)
         self.checkpoint_store = open_store(config.checkpoint_uri, config.storage)
@@ -140,7 +151,8 @@ class TrainRun:
         source = model_source(self.student.model)
         manifest = read_manifest(self.dataset_store, config.dataset_uri)
         check_not_empty(manifest, config.dataset_uri)
-        fingerprint = training_fingerprint(self.student, manifest.digest)
+        teacher_name = config.teacher.model_name if config.teacher is not None else None
+        fingerprint = training_fingerprint(self.student, manifest.digest, teacher_name)
 
         from kubedistill.worker.train_export import existing_export
 
@@ -154,7 +166,6 @@ class TrainRun:
         import torch
         import transformers
         from accelerate import PartialState
-        from trl.trainer.sft_config import SFTConfig
 
         # progress bars are noise in pod logs: the ProgressCallback logs lines
         transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
@@ -165,14 +176,16 @@ class TrainRun:
         self.flash_attention = flash_attention_available(cuda, precision)
         run_dir = self.work_dir / f"run-{fingerprint[:16]}"
         # Building the arguments initialises the process group under torchrun (gloo on CPU, NCCL on GPU).
-        args = SFTConfig(**sft_arguments(config, precision, str(run_dir / "checkpoints"), cuda, self.flash_attention))
+        args = self.trainer_arguments(precision, str(run_dir / "checkpoints"), cuda)
         state = PartialState()
         log.info(
-            "train: rank %d/%d, device %s, precision %s, method %s, attention %s, micro-batch %d x %d, fingerprint %s",
+            "train: rank %d/%d, device %s, precision %s, objective %s, method %s, attention %s, micro-batch %d x %d, "
+            "fingerprint %s",
             state.process_index,
             state.num_processes,
             state.device,
             precision,
+            self.student.objective,
             self.student.method,
             "flash_attention_2" if self.flash_attention else "sdpa",
             args.per_device_train_batch_size,
@@ -189,7 +202,12 @@ class TrainRun:
 
         with state.local_main_process_first():
             records = load_train_records(self.dataset_store, config.dataset_uri, manifest, run_dir / "dataset")
-        dataset = Dataset.from_list(records)
+        rows = [to_trl_record(record) for record in records]
+        if self.student.objective == "kd":
+            self.prepare_kd(manifest, records, rows, tokenizer, run_dir)
+        elif self.student.objective == "onPolicy":
+            rows = self.prepare_on_policy(rows, tokenizer, run_dir, state)
+        dataset = Dataset.from_list(rows)
 
         from kubedistill.worker.train_checkpoint import CheckpointStore
 
@@ -202,6 +220,7 @@ class TrainRun:
         trainer, checkpoint_cb, progress_cb = self.build_trainer(model, tokenizer, args, dataset, checkpoints)
 
         metrics = self.train(trainer, resume_dir, checkpoint_cb, progress_cb)
+        self.stop_teacher()
         metrics["resumed_from_step"] = int(resume_dir.name.split("-")[-1]) if resume_dir else None
         result: dict[str, Any] | None = None
         error: str | None = None
@@ -228,14 +247,16 @@ class TrainRun:
             log.info("checkpoint step %d is the end of training: exporting it", finished["global_step"])
             trainer._load_from_checkpoint(str(resume_dir))
             trainer.state.global_step = finished["global_step"]
-            losses = [e["loss"] for e in finished.get("log_history", []) if "loss" in e]
+            logged = [e for e in finished.get("log_history", []) if "loss" in e]
             return {
-                "train_loss": losses[-1] if losses else None,
+                "train_loss": logged[-1]["loss"] if logged else None,
+                "losses": final_losses(self.student.objective, logged[-1] if logged else {}),
                 "train_seconds": 0.0,
                 "tokens": 0,
                 "tokens_per_second": None,
                 "mean_token_accuracy": None,
                 "global_step": finished["global_step"],
+                "teacher_tokens_scored": None,
             }
 
         self.preemption.in_training = True
@@ -254,16 +275,78 @@ class TrainRun:
             "tokens_per_second": tokens / seconds if seconds > 0 else None,
             "mean_token_accuracy": progress_cb.last_logs.get("mean_token_accuracy"),
             "global_step": trainer.state.global_step,
+            "losses": final_losses(self.student.objective, progress_cb.last_logs),
+            "teacher_tokens_scored": self.scoring.tokens_scored if self.scoring is not None else None,
         }
         log.info(
-            "training done: step %d, loss %.4f, %d tokens in %.1fs (%.0f tokens/s)",
+            "training done (%s): step %d, loss %.4f, final %s, %d tokens in %.1fs (%.0f tokens/s)",
+            self.student.objective,
             trainer.state.global_step,
             metrics["train_loss"],
+            " ".join(f"{k} {v:.4f}" for k, v in metrics["losses"].items()),
             tokens,
             seconds,
             metrics["tokens_per_second"] or 0.0,
         )
         return metrics
+
+    # ------------------------------------------------------------------ objectives
+
+    def trainer_arguments(self, precision: Any, output_dir: str, cuda: bool) -> Any:
+        """SFTConfig (sft, kd), or trl's ServerDistillationConfig (onPolicy)."""
+        if self.student.objective != "onPolicy":
+            from trl.trainer.sft_config import SFTConfig
+
+            return SFTConfig(**sft_arguments(self.config, precision, output_dir, cuda, self.flash_attention))
+        from kubedistill.worker import train_onpolicy
+
+        assert self.config.teacher is not None
+        teacher = self.config.teacher
+        if teacher.vllm is not None:
+            self.teacher_server = train_onpolicy.TeacherServer(self.config, self.work_dir)
+        url = train_onpolicy.scoring_url(teacher, self.teacher_server.port if self.teacher_server else None)
+        config_class = train_onpolicy.config_class()
+        return config_class(**on_policy_arguments(self.config, precision, output_dir, cuda, url))
+
+    def prepare_kd(
+        self, manifest: Any, records: list[Any], rows: list[dict[str, Any]], tokenizer: Any, run_dir: Path
+    ) -> None:
+        """Pre-flight (the teacher's vocabulary, each answer's tokens) and the teacher's distributions per row."""
+        from kubedistill.worker.train_kd import add_kd_targets, check_teacher_tokenizer
+
+        names = (f"{manifest.teacher_model} (teacher)", f"{self.student.model} (student)")
+        check_teacher_tokenizer(self.dataset_store, self.config.dataset_uri, manifest, tokenizer, run_dir, names)
+        self.kd_k = add_kd_targets(records, rows, tokenizer, names).k
+
+    def prepare_on_policy(
+        self, rows: list[dict[str, Any]], tokenizer: Any, run_dir: Path, state: Any
+    ) -> list[dict[str, Any]]:
+        """Start (or reach) the teacher, check it tokenizes as the student and scores; the prompts to answer."""
+        from kubedistill.worker import train_onpolicy
+
+        teacher = self.config.teacher
+        assert teacher is not None
+        student_name = f"{self.student.model} (student)"
+        key = train_onpolicy.api_key(self.config)
+        server = self.teacher_server
+        if server is not None:
+            if state.is_local_main_process:
+                server.start()
+            server.wait()
+            assert server.model_path is not None
+            train_onpolicy.check_teacher_vocabulary(
+                server.model_path, f"{teacher.model_name} (teacher)", tokenizer, student_name
+            )
+        url = train_onpolicy.scoring_url(teacher, server.port if server else None)
+        probe = train_onpolicy.probe_text(tokenizer, rows[0])
+        train_onpolicy.check_teacher_tokens(teacher, url, key, tokenizer, probe, student_name)
+        self.scoring = train_onpolicy.scoring_client_class()(url, train_onpolicy.scoring_model(teacher), key)
+        tokenizer.padding_side = "left"  # the student generates: prompts are left-padded
+        return [{"prompt": row["prompt"]} for row in rows]
+
+    def stop_teacher(self) -> None:
+        if self.teacher_server is not None:
+            self.teacher_server.stop()
 
     # ------------------------------------------------------------------ pieces
 
@@ -369,15 +452,26 @@ class TrainRun:
             peft_config = LoraConfig(**lora_arguments(self.student.lora))
         checkpoint_cb = CheckpointCallback(checkpoints, self.preemption)
         progress_cb = ProgressCallback(self.config.progress, checkpoint_cb)
+        common = {
+            "model": model,
+            "args": args,
+            "train_dataset": dataset,
+            "processing_class": tokenizer,
+            "peft_config": peft_config,
+            "callbacks": [checkpoint_cb, progress_cb],
+        }
         try:
-            trainer = SFTTrainer(
-                model=model,
-                args=args,
-                train_dataset=dataset,
-                processing_class=tokenizer,
-                peft_config=peft_config,
-                callbacks=[checkpoint_cb, progress_cb],
-            )
+            if self.student.objective == "kd":
+                from kubedistill.worker.train_kd import kd_trainer_class
+
+                kd = self.student.kd_settings
+                trainer = kd_trainer_class()(**common, alpha=kd.alpha, temperature=kd.temperature, k=self.kd_k)
+            elif self.student.objective == "onPolicy":
+                from kubedistill.worker.train_onpolicy import on_policy_trainer_class
+
+                trainer = on_policy_trainer_class()(**common, client=self.scoring)
+            else:
+                trainer = SFTTrainer(**common)
         except ValueError as err:
             if "Target modules" in str(err) or "target_modules" in str(err):
                 raise WorkerError(
@@ -388,7 +482,7 @@ class TrainRun:
         from transformers import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
-        if len(trainer.train_dataset) == 0:  # type: ignore[arg-type]
+        if self.student.objective != "onPolicy" and len(trainer.train_dataset) == 0:
             raise WorkerError(
                 f"no training example fits training.maxSeqLength {self.training.max_seq_length}: "
                 "every prompt fills it, leaving no completion token to learn"
@@ -452,4 +546,7 @@ class TrainRun:
             tokens=metrics["tokens"],
             train_seconds=round(metrics["train_seconds"], 3),
             resumed_from_step=metrics["resumed_from_step"],
+            objective=self.student.objective,
+            losses=metrics["losses"],
+            teacher_tokens_scored=metrics["teacher_tokens_scored"],
         ).to_wire()

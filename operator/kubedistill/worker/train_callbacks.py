@@ -184,12 +184,14 @@ class ProgressCallback(TrainerCallback):
         self._last_time, self._last_tokens = now, tokens
         self.tokens_per_second = rate
         if state.is_world_process_zero:
+            terms = "".join(f" {key} {logs[key]:.4f}" for key in ("ce", "kl") if key in logs)  # objective kd
             log.info(
-                "train step %d/%d epoch %.2f loss %.4f lr %.3g grad_norm %.3g tokens/s %.0f token_accuracy %.3f",
+                "train step %d/%d epoch %.2f loss %.4f%s lr %.3g grad_norm %.3g tokens/s %.0f token_accuracy %.3f",
                 state.global_step,
                 state.max_steps,
                 state.epoch or 0.0,
                 logs["loss"],
+                terms,
                 logs.get("learning_rate", 0.0),
                 logs.get("grad_norm", float("nan")),
                 rate,

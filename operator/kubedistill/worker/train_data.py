@@ -87,8 +87,8 @@ def to_trl_record(record: DatasetRecord) -> dict[str, Any]:
     }
 
 
-def read_records(paths: list[Path], split: Split = "train") -> list[dict[str, Any]]:
-    """Every record of the given split in ``paths``, validated, as trl records (shard order, line order)."""
+def read_records(paths: list[Path], split: Split = "train") -> list[DatasetRecord]:
+    """Every record of the given split in ``paths``, validated (shard order, line order)."""
     out = []
     for path in paths:
         with path.open(encoding="utf-8") as handle:
@@ -109,14 +109,14 @@ def read_records(paths: list[Path], split: Split = "train") -> list[dict[str, An
                     )
                 if not record.prompt or record.prompt[-1].role != "user":
                     raise WorkerError(f"dataset shard {path.name} line {lineno}: prompt must end with a user message")
-                out.append(to_trl_record(record))
+                out.append(record)
     return out
 
 
 def load_train_records(
     store: ObjectStore, dataset_uri: str, manifest: DatasetManifest, dest: Path
-) -> list[dict[str, Any]]:
-    """Download, verify and parse the training split."""
+) -> list[DatasetRecord]:
+    """Download, verify and parse the training split (``to_trl_record`` makes trl's rows of them)."""
     paths = download_shards(store, dataset_uri, manifest, dest, "train")
     records = read_records(paths, "train")
     if not records:

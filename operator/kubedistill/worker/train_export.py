@@ -118,6 +118,7 @@ def existing_export(store: ObjectStore, output_uri: str, fingerprint: str, expor
         return None
     metrics = metadata.get("metrics") or {}
     log.info("model already exported to %s by an earlier run (digest %s)", output_uri, str(metadata.get("digest"))[:12])
+    trainer_config = metadata.get("trainer_config") or {}
     return TrainResult(
         model_uri=output_uri,
         digest=metadata["digest"],
@@ -125,4 +126,7 @@ def existing_export(store: ObjectStore, output_uri: str, fingerprint: str, expor
         train_loss=metrics.get("train_loss"),
         tokens_per_second=metrics.get("tokens_per_second"),
         adapter=export == "adapter",
+        objective=trainer_config.get("objective", "sft"),
+        losses=metrics.get("losses") or {},
+        teacher_tokens_scored=metrics.get("teacher_tokens_scored"),
     )

@@ -117,6 +117,49 @@ def sft_arguments(
     }
 
 
+# SFTConfig keys that mean nothing to trl's distillation trainers (they tokenize prompts and generate).
+_SFT_ONLY = ("max_length", "packing", "completion_only_loss")
+
+
+def on_policy_arguments(
+    config: TrainConfig, precision: Precision, output_dir: str, cuda: bool, teacher_url: str
+) -> dict[str, Any]:
+    """Keyword arguments of trl's ``ServerDistillationConfig`` for objective onPolicy.
+
+    reverseKL is trl's beta 1 on the sampled token's support (+ tail); forwardKL is beta 0 on the
+    teacher's top k (+ tail): the two sparse losses trl implements against a server teacher.
+    """
+    policy = config.student.on_policy_settings
+    args = {k: v for k, v in sft_arguments(config, precision, output_dir, cuda).items() if k not in _SFT_ONLY}
+    forward = policy.divergence == "forwardKL"
+    return {
+        **args,
+        "teacher_model_server_url": teacher_url,
+        "beta": 0.0 if forward else 1.0,
+        "loss_top_k": (policy.top_k or 20) if forward else 1,
+        "loss_add_tail": True,
+        "max_completion_length": policy.max_new_tokens,
+        "temperature": policy.temperature,
+        # the trainer generates with the student as trained; vLLM generation needs CUDA and weight syncing
+        "use_vllm": False,
+    }
+
+
+# The loss terms each objective logs (trl's "loss" is the objective's total).
+_LOSS_TERMS = {"sft": ("loss",), "kd": ("loss", "ce", "kl"), "onPolicy": ("loss",)}
+
+
+def final_losses(objective: str, logs: dict[str, Any]) -> dict[str, float]:
+    """The objective's loss terms at the last logged step (sft's loss is its cross-entropy, onPolicy's its
+    divergence)."""
+    out = {key: float(logs[key]) for key in _LOSS_TERMS[objective] if key in logs}
+    if "loss" in out and objective == "sft":
+        out["ce"] = out["loss"]
+    if "loss" in out and objective == "onPolicy":
+        out["divergence"] = out["loss"]
+    return out
+
+
 def lora_arguments(lora: LoraSpec) -> dict[str, Any]:
     """Keyword arguments of peft's ``LoraConfig``."""
     targets: str | list[str] = "all-linear" if lora.target_modules == ["all-linear"] else list(lora.target_modules)
@@ -133,11 +176,12 @@ def lora_arguments(lora: LoraSpec) -> dict[str, Any]:
 # --------------------------------------------------------------------------- fingerprint
 
 
-def training_fingerprint(student: StudentSpec, dataset_digest: str) -> str:
+def training_fingerprint(student: StudentSpec, dataset_digest: str, teacher: str | None = None) -> str:
     """Identifies what a checkpoint was trained on and how.
 
     A checkpoint is resumed only by a run with the same fingerprint. Knobs that
     do not change the weights (checkpoint frequency, export format) are left out.
+    ``teacher`` names the model that scores an onPolicy student.
     """
     training = student.training.model_dump(exclude={"checkpoint_every_steps"})
     material = {
@@ -148,6 +192,11 @@ def training_fingerprint(student: StudentSpec, dataset_digest: str) -> str:
         "chat_template": student.chat_template,
         "dataset": dataset_digest,
     }
+    # sft keeps the fingerprint it always had: a finished sft export is still recognised after an upgrade
+    if student.objective == "kd":
+        material["objective"] = {"kd": student.kd_settings.model_dump()}
+    elif student.objective == "onPolicy":
+        material["objective"] = {"onPolicy": student.on_policy_settings.model_dump(), "teacher": teacher}
     blob = json.dumps(material, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
 

@@ -45,6 +45,7 @@ from tenacity.wait import wait_base
 from kubedistill.api.v1alpha1 import EndpointTeacher, TeacherSpec
 from kubedistill.worker.teacher.limits import RateLimits, token_charge
 from kubedistill.worker.teacher.store import Answer
+from kubedistill.worker.topk import encode, from_strings
 
 log = logging.getLogger("kubedistill.worker.generate")
 
@@ -273,7 +274,7 @@ class EndpointClient:
                         key=key,
                         content=content,
                         finish_reason=choice.get("finish_reason"),
-                        logprobs=_logprobs(choice.get("logprobs")) if self.teacher.logprobs else None,
+                        topk=_topk(choice.get("logprobs"), self.teacher.logprobs) if self.teacher.logprobs else None,
                     )
                 )
             usage = doc.get("usage") or {}
@@ -299,15 +300,15 @@ def env_proxy_for(url: str) -> str | None:
     return urllib.request.getproxies().get(parts.scheme)
 
 
-def _logprobs(block: Any) -> list[dict[str, Any]] | None:
-    """OpenAI's ``choice.logprobs.content`` -> [{token, logprob, top: {token: logprob}}]."""
+def _topk(block: Any, k: int) -> str | None:
+    """OpenAI's ``choice.logprobs.content`` (tokens named by their text) -> a compact distribution."""
     if not block or not block.get("content"):
         return None
-    return [
-        {
-            "token": item["token"],
-            "logprob": float(item["logprob"]),
-            "top": {alt["token"]: float(alt["logprob"]) for alt in item.get("top_logprobs") or []},
-        }
-        for item in block["content"]
-    ]
+    content = block["content"]
+    return encode(
+        from_strings(
+            [(item["token"], float(item["logprob"])) for item in content],
+            [[(alt["token"], float(alt["logprob"])) for alt in item.get("top_logprobs") or []] for item in content],
+            k,
+        )
+    )

@@ -19,6 +19,7 @@ from kubedistill.api.v1alpha1 import TeacherSpec
 from kubedistill.storage.objectstore import ObjectStore, download_prefix, is_s3
 from kubedistill.worker.common import WorkerError, on_sigterm
 from kubedistill.worker.teacher.store import Answer
+from kubedistill.worker.topk import encode, from_ids
 
 log = logging.getLogger("kubedistill.worker.generate")
 MIN_LOGPROB = -9999.0
@@ -42,6 +43,43 @@ def resolve_model(model: str, store: ObjectStore | None, work_dir: Path) -> str:
         if not download_prefix(store, model, target):
             raise WorkerError(f"teacher model {model} is empty or missing")
     return str(target)
+
+
+# What a tokenizer is made of: enough to load it without the weights.
+TOKENIZER_FILES = frozenset(
+    {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "chat_template.jinja",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer.model",
+        "config.json",
+    }
+)
+
+
+def save_tokenizer(model: str, store: ObjectStore | None, work_dir: Path) -> Path:
+    """The teacher's tokenizer, saved into a directory (an s3:// model: its tokenizer files only)."""
+    from transformers import AutoTokenizer
+
+    source = model
+    if is_s3(model):
+        if store is None:
+            raise WorkerError(f"no object store for teacher model {model}")
+        target = work_dir / "teacher-tokenizer-files"
+        for obj in store.list(model):
+            if obj.key in TOKENIZER_FILES:
+                store.download_file(obj.uri, target / obj.key)
+        source = str(target)
+    dest = work_dir / "teacher-tokenizer"
+    try:
+        AutoTokenizer.from_pretrained(source).save_pretrained(dest)
+    except Exception as err:
+        raise WorkerError(f"cannot load the tokenizer of teacher model {model}: {type(err).__name__}: {err}") from err
+    return dest
 
 
 def load_llm(teacher: TeacherSpec, model_path: str) -> Any:
@@ -87,7 +125,7 @@ def answers_from_output(output: Any, keys: list[str], top_k: int | None) -> list
             content=completion.text,
             finish_reason=completion.finish_reason,
             completion_tokens=len(completion.token_ids),
-            logprobs=_logprobs(completion, top_k) if top_k else None,
+            topk=_topk(completion, top_k) if top_k else None,
         )
         for key, completion in zip(keys, completions, strict=False)
     ]
@@ -96,25 +134,29 @@ def answers_from_output(output: Any, keys: list[str], top_k: int | None) -> list
     return answers
 
 
-def _logprobs(completion: Any, top_k: int) -> list[dict[str, Any]] | None:
+def _topk(completion: Any, top_k: int) -> str | None:
+    """vLLM's per-position {token id: Logprob} -> a compact distribution in the teacher's token ids.
+
+    vLLM returns the top k plus the sampled token when it ranks below k; the alternatives kept
+    are those ranked 1..k, most likely first.
+    """
     if completion.logprobs is None:
         return None
-    out = []
+    chosen, tops = [], []
     for position, token_id in enumerate(completion.token_ids):
         entries = completion.logprobs[position]
-        chosen = entries.get(token_id)
-        top = {
-            (lp.decoded_token or str(tid)): _finite(lp.logprob)
-            for tid, lp in entries.items()
-            if lp.rank is None or lp.rank <= top_k
-        }
-        token = (chosen.decoded_token if chosen else None) or str(token_id)
-        out.append({"token": token, "logprob": _finite(chosen.logprob) if chosen else MIN_LOGPROB, "top": top})
-    return out
+        picked = entries.get(token_id)
+        chosen.append((int(token_id), _finite(picked.logprob) if picked else MIN_LOGPROB))
+        ranked = sorted(
+            ((tid, lp) for tid, lp in entries.items() if lp.rank is None or lp.rank <= top_k),
+            key=lambda item: -item[1].logprob,
+        )
+        tops.append([(int(tid), _finite(lp.logprob)) for tid, lp in ranked[:top_k]])
+    return encode(from_ids(chosen, tops, top_k))
 
 
 def _finite(value: float) -> float:
-    """JSON has no -inf: clamp like vLLM's OpenAI server does."""
+    """A finite floor for -inf, as vLLM's OpenAI server clamps it: no loss term becomes infinite."""
     return max(float(value), MIN_LOGPROB)
 
 

@@ -52,26 +52,32 @@ class Answer:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    logprobs: list[dict[str, Any]] | None = None
+    topk: str | None = None  # the teacher's top-k logprobs per answer token, compact (worker/topk.py)
 
     def to_line(self) -> bytes:
         doc: dict[str, Any] = {"key": self.key, "content": self.content, "finishReason": self.finish_reason}
         doc["usage"] = {"promptTokens": self.prompt_tokens, "completionTokens": self.completion_tokens}
-        if self.logprobs is not None:
-            doc["logprobs"] = self.logprobs
+        if self.topk is not None:
+            doc["topk"] = self.topk
         return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 
     @classmethod
     def from_line(cls, line: bytes) -> Answer:
         doc = json.loads(line)
         usage = doc.get("usage") or {}
+        topk = doc.get("topk")
+        if topk is None and doc.get("logprobs"):
+            # stored before the compact format: [{token, logprob, top}], converted the same way every time
+            from kubedistill.worker.topk import encode, from_verbose
+
+            topk = encode(from_verbose(doc["logprobs"]))
         return cls(
             key=doc["key"],
             content=doc["content"],
             finish_reason=doc.get("finishReason"),
             prompt_tokens=int(usage.get("promptTokens", 0)),
             completion_tokens=int(usage.get("completionTokens", 0)),
-            logprobs=doc.get("logprobs"),
+            topk=topk,
         )
 
 

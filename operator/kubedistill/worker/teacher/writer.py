@@ -99,7 +99,9 @@ class DatasetWriter:
         self.store.upload_file(self._failures.path, join(self.output_uri, FAILURES_NAME))
         return FAILURES_NAME
 
-    def finish(self, *, teacher_model: str, counts: DatasetCounts, settings_digest: str) -> DatasetManifest:
+    def finish(
+        self, *, teacher_model: str, counts: DatasetCounts, settings_digest: str, teacher_tokenizer: str | None = None
+    ) -> DatasetManifest:
         for shard in list(self._open.values()):
             self._close(shard)
         failures = self.write_failures()
@@ -113,6 +115,7 @@ class DatasetWriter:
             digest=dataset_digest(shards),
             created_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             failures=failures,
+            teacher_tokenizer=teacher_tokenizer,
         )
         body = json.dumps(manifest.to_wire(), indent=2, sort_keys=True).encode() + b"\n"
         self.store.put_bytes(join(self.output_uri, MANIFEST_NAME), body, content_type="application/json")
