@@ -90,8 +90,23 @@ _ONE_TEACHER = "set exactly one of spec.teacher.endpoint (an OpenAI-compatible A
 _KD_NEEDS_LOGPROBS = "student.objective kd trains on the teacher's top-k logprobs: set spec.teacher.logprobs"
 _ON_POLICY_NEEDS_SCORER = "student.objective onPolicy needs a teacher that scores the student's tokens"
 _ONE_SOURCE = "set exactly one of spec.model (an s3:// model URI) or spec.fromJob"
+_FSDP_NEEDS_GPUS = "student.training.strategy fsdp shards the student across GPUs: give the train stage at least 2 GPUs"
 
 INVALID: tuple[Invalid, ...] = (
+    Invalid(
+        "fsdp-on-one-gpu",
+        valid_job,
+        (_set("spec.student.training", {"strategy": "fsdp"}), _set("spec.resources", {"gpusPerNode": 1})),
+        server=("spec.student.training.strategy", _FSDP_NEEDS_GPUS),
+        pydantic=(_FSDP_NEEDS_GPUS,),
+    ),
+    Invalid(
+        "fsdp-on-cpu-nodes",
+        valid_job,
+        (_set("spec.student.training", {"strategy": "fsdp"}), _set("spec.resources", {"gpusPerNode": 0, "nodes": 2})),
+        server=("spec.student.training.strategy", _FSDP_NEEDS_GPUS),
+        pydantic=(_FSDP_NEEDS_GPUS,),
+    ),
     Invalid(
         "both-teachers",
         valid_job,

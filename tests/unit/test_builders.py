@@ -303,3 +303,22 @@ def test_objective_changes_the_train_key_but_not_the_generate_key() -> None:
     scoring["spec"]["teacher"]["logprobs"] = 20
     scoring["spec"]["teacher"]["endpoint"]["promptLogprobs"] = True
     assert plan_of(scoring).keys.generate == a.generate
+
+
+def test_an_fsdp_run_on_two_nodes_gets_its_rendezvous_and_its_strategy() -> None:
+    manifest = distillation_job("big", nodes=2, gpus_per_node=8)
+    manifest["spec"]["student"]["method"] = "full"
+    manifest["spec"]["student"]["training"] = {"strategy": "fsdp"}
+    plan = plan_of(manifest)
+    children = {c["kind"]: c for c in build_stage_children(plan, "train", SETTINGS)}
+    assert set(children) == {"ConfigMap", "Service", "Job"}
+    job = children["Job"]
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 2
+    command = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[:7] == ["torchrun", "--nnodes", "2", "--nproc-per-node", "8", "--node-rank", "$(NODE_RANK)"]
+    assert (
+        command[command.index("--master-addr") + 1]
+        == f"{job['metadata']['name']}-0.{children['Service']['metadata']['name']}"
+    )
+    config = yaml.safe_load(children["ConfigMap"]["data"]["train.yaml"])
+    assert config["student"]["training"]["strategy"] == "fsdp"

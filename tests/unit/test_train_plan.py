@@ -261,3 +261,53 @@ def test_final_losses_name_each_objectives_terms():
     assert plan.final_losses("kd", {"loss": 0.5, "ce": 0.7, "kl": 0.3}) == {"loss": 0.5, "ce": 0.7, "kl": 0.3}
     assert plan.final_losses("onPolicy", {"loss": 0.02}) == {"loss": 0.02, "divergence": 0.02}
     assert plan.final_losses("kd", {}) == {}
+
+
+# --------------------------------------------------------------------------- strategy (ddp / fsdp)
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize(
+    ("requested", "world", "cuda", "method", "params", "gpu", "expected"),
+    [
+        ("auto", 1, True, "full", 8e9, 80 * GIB, "single"),  # one process: nothing to share
+        ("auto", 8, True, "full", 8e9, 80 * GIB, "fsdp"),  # 8B full: 128 GB of state > 64 GB
+        ("auto", 8, True, "full", 3e9, 80 * GIB, "ddp"),  # 3B full: 48 GB fits
+        ("auto", 8, True, "lora", 8e9, 80 * GIB, "ddp"),  # 8B LoRA: 16 GB of frozen weights
+        ("auto", 8, True, "lora", 70e9, 80 * GIB, "fsdp"),  # 70B LoRA: 140 GB
+        ("auto", 2, False, "full", 8e9, None, "ddp"),  # CPU: accelerate has no FSDP there
+        ("ddp", 8, True, "full", 8e9, 80 * GIB, "ddp"),  # as asked, even if it will not fit
+        ("fsdp", 2, True, "lora", 1e8, 80 * GIB, "fsdp"),
+    ],
+)
+def test_choose_strategy(requested, world, cuda, method, params, gpu, expected):
+    strategy, why = plan.choose_strategy(requested, world, cuda, method, int(params), gpu)
+    assert strategy == expected and why
+
+
+def test_fsdp_on_cpu_is_refused_with_the_reason():
+    with pytest.raises(plan.PlanError, match="accelerate shards a model with FSDP on CUDA devices only"):
+        plan.choose_strategy("fsdp", 2, False, "full", 10**6, None)
+
+
+def test_fsdp_arguments_shard_each_decoder_layer_and_save_sharded_checkpoints():
+    from trl.trainer.sft_config import SFTConfig
+
+    arguments = plan.fsdp_arguments({"LlamaDecoderLayer"})
+    assert arguments["fsdp_config"]["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
+    assert arguments["fsdp_config"]["state_dict_type"] == "SHARDED_STATE_DICT"
+    config = SFTConfig(output_dir="/tmp/unused", use_cpu=True, report_to="none", **arguments)  # trl accepts them
+    assert config.fsdp and config.fsdp_config["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
+
+
+def test_each_rank_uploads_its_own_fsdp_shards(tmp_path):
+    for rel in ("trainer_state.json", "rng_state_0.pth", "rng_state_1.pth", "pytorch_model_fsdp_0/.metadata",
+                "pytorch_model_fsdp_0/__0_0.distcp", "pytorch_model_fsdp_0/__1_0.distcp",
+                "optimizer_0/__0_0.distcp", "optimizer_0/__1_0.distcp"):  # fmt: skip
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x")
+    assert files_for_rank(tmp_path, 1) == [
+        "optimizer_0/__1_0.distcp", "pytorch_model_fsdp_0/__1_0.distcp", "rng_state_1.pth",
+    ]  # fmt: skip
+    assert "pytorch_model_fsdp_0/.metadata" in files_for_rank(tmp_path, 0)

@@ -283,8 +283,10 @@ def test_torchrun_with_two_cpu_processes(s3, bucket, store, no_template_dir, tmp
     assert worker.run(argv) == 0, worker.describe()
     result = worker.result()
     assert result["globalStep"] == 8
+    assert result["strategy"] == "ddp"  # auto on CPU: FSDP runs on GPUs only
     log = worker.log()
     assert "train: rank 0/2" in log and "train: rank 1/2" in log
+    assert "strategy ddp: auto: no GPU" in log
     # each rank reads its own half: 8 steps of 2 x 8 examples are a quarter of the 500-example epoch
     assert re.search(r"train step 8/8 epoch 0\.25 ", log), worker.describe()
     marker = json.loads(store.get_bytes(f"{worker.doc['checkpointUri']}/checkpoint-8/COMPLETE.json"))
@@ -293,6 +295,19 @@ def test_torchrun_with_two_cpu_processes(s3, bucket, store, no_template_dir, tmp
     fetched = fetch_model(store, worker.doc["outputUri"], tmp_path / "ddp-model")
     assert fetched.digest == result["digest"]
     assert (fetched.path / "chat_template.jinja").read_text() == CHAT_TEMPLATE
+
+
+def test_fsdp_on_cpu_processes_is_refused_before_any_training(s3, bucket, tmp_path):
+    """accelerate enables FSDP on CUDA devices only: on CPU the run would silently train full copies."""
+    worker = Worker(s3, bucket, tmp_path, "fsdp-cpu", {"maxSteps": 2, "strategy": "fsdp"})
+    argv = [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        "-m", "kubedistill.worker", "train", "--config", str(worker.config_path),
+    ]  # fmt: skip
+    assert worker.run(argv) != 0
+    assert worker.message().startswith("student.training.strategy fsdp needs GPUs"), worker.describe()
+    assert "train step" not in worker.log()
 
 
 def _free_port():

@@ -357,6 +357,13 @@ class TrainingSpec(ApiModel):
         default="auto", description="auto: bf16 on GPUs that support it, fp32 on CPU."
     )
     gradient_checkpointing: bool = Field(default=False, description="Trade compute for memory.")
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        default="auto",
+        description="How several training processes share the work: ddp (a full copy of the model on each GPU), "
+        "fsdp (weights, gradients and optimizer state sharded across every GPU of every node: for students "
+        "that do not fit one GPU), or auto (fsdp when the student's training state would take more than 80% "
+        "of one GPU's memory: 16 bytes per parameter for full fine-tuning, 2 for LoRA; else ddp).",
+    )
     seed: int = Field(default=42, description="Seed for data order and initialisation.")
     checkpoint_every_steps: int = Field(
         default=200, ge=1, description="Save a checkpoint to the output URI every N steps."
@@ -837,6 +844,10 @@ class ResourcesSpec(ApiModel):
 
 
 _POOL_NEEDS_ADAPTER = "output.model.pool needs student.export adapter (a pool serves LoRA adapters of its base)"
+_FSDP_NEEDS_GPUS = (
+    "student.training.strategy fsdp shards the student across GPUs: give the train stage at least 2 GPUs "
+    "(spec.resources.gpusPerNode >= 2, or spec.resources.nodes >= 2 with GPUs), or use strategy ddp or auto"
+)
 _KD_NEEDS_LOGPROBS = (
     "student.objective kd trains on the teacher's top-k logprobs: set spec.teacher.logprobs "
     "(1-20; 20 recommended), or use objective sft"
@@ -861,6 +872,15 @@ class DistillationJobSpec(ApiModel):
                 cel(
                     "!has(self.output.model.pool) || (has(self.student.export) && self.student.export == 'adapter')",
                     _POOL_NEEDS_ADAPTER,
+                ),
+                cel(
+                    "!has(self.student.training) || !has(self.student.training.strategy) || "
+                    "self.student.training.strategy != 'fsdp' || !has(self.resources) || "
+                    "(!has(self.resources.gpusPerNode) || self.resources.gpusPerNode > 0) && "
+                    "(!has(self.resources.gpusPerNode) || self.resources.gpusPerNode >= 2 || "
+                    "(has(self.resources.nodes) && self.resources.nodes >= 2))",
+                    _FSDP_NEEDS_GPUS,
+                    ".student.training.strategy",
                 ),
                 cel(
                     "!has(self.student.objective) || self.student.objective != 'kd' || "
@@ -903,6 +923,14 @@ class DistillationJobSpec(ApiModel):
             raise ValueError("output.model: set serving or pool, not both")
         if output.pool is not None and self.student.export != "adapter":
             raise ValueError(_POOL_NEEDS_ADAPTER)
+        return self
+
+    @model_validator(mode="after")
+    def _fsdp_needs_gpus(self) -> DistillationJobSpec:
+        if self.student.training.strategy == "fsdp":
+            gpus, nodes = self.resources.gpus_per_node, self.resources.nodes
+            if gpus == 0 or (nodes < 2 and gpus is not None and gpus < 2):
+                raise ValueError(_FSDP_NEEDS_GPUS)
         return self
 
     @model_validator(mode="after")

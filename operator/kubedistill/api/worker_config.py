@@ -260,6 +260,9 @@ class TrainResult(ApiModel):
     train_seconds: float | None = Field(default=None, description="Wall time of this run's training loop.")
     resumed_from_step: int | None = Field(default=None, description="Checkpoint step this run resumed from, if any.")
     objective: Objective = Field(default="sft", description="The objective trained: sft, kd or onPolicy.")
+    strategy: Literal["single", "ddp", "fsdp"] = Field(
+        default="single", description="How the processes shared the work: one process, ddp or fsdp."
+    )
     losses: dict[str, float] = Field(
         default_factory=dict, description="Each loss term at the last logged step (ce, kl, divergence)."
     )

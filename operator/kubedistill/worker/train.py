@@ -59,13 +59,16 @@ from kubedistill.worker.train_data import check_not_empty, load_train_records, r
 from kubedistill.worker.train_plan import (
     ModelSource,
     PlanError,
+    Strategy,
     check_context,
     check_export,
     check_uris,
     check_vocabulary,
     choose_precision,
+    choose_strategy,
     export_dtype_name,
     final_losses,
+    fsdp_arguments,
     load_dtype_name,
     lora_arguments,
     model_source,
@@ -76,6 +79,16 @@ from kubedistill.worker.train_plan import (
 
 CONFIG = TrainConfig
 log = logging.getLogger("kubedistill.worker.train")
+
+
+def count_parameters(model_config: Any) -> tuple[int, set[str]]:
+    """Parameters of a model built from ``model_config`` on the meta device (no memory), and its layer classes."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(model_config)  # type: ignore[no-untyped-call]
+    return sum(p.numel() for p in model.parameters()), set(model._no_split_modules or [])
 
 
 def main(config: TrainConfig) -> dict[str, Any]:
@@ -135,6 +148,8 @@ class TrainRun:
         self.preemption = preemption
         self.work_dir = Path(config.work_dir)
         self.flash_attention = False
+        self.strategy: Strategy = "single"
+        self.fsdp_layers: set[str] = set()
         self.teacher_server: Any = None
         self.scoring: Any = None  # objective onPolicy: the client that asks the teacher to score
         self.kd_k = 0  # objective kd: alternatives per position in the teacher's distributions
@@ -175,16 +190,18 @@ class TrainRun:
         precision = choose_precision(self.training.precision, cuda, cuda and torch.cuda.is_bf16_supported())
         self.flash_attention = flash_attention_available(cuda, precision)
         run_dir = self.work_dir / f"run-{fingerprint[:16]}"
+        self.choose_strategy(source, cuda, run_dir)
         # Building the arguments initialises the process group under torchrun (gloo on CPU, NCCL on GPU).
         args = self.trainer_arguments(precision, str(run_dir / "checkpoints"), cuda)
         state = PartialState()
         log.info(
-            "train: rank %d/%d, device %s, precision %s, objective %s, method %s, attention %s, micro-batch %d x %d, "
-            "fingerprint %s",
+            "train: rank %d/%d, device %s, precision %s, strategy %s, objective %s, method %s, attention %s, "
+            "micro-batch %d x %d, fingerprint %s",
             state.process_index,
             state.num_processes,
             state.device,
             precision,
+            self.strategy,
             self.student.objective,
             self.student.method,
             "flash_attention_2" if self.flash_attention else "sdpa",
@@ -224,11 +241,10 @@ class TrainRun:
         metrics["resumed_from_step"] = int(resume_dir.name.split("-")[-1]) if resume_dir else None
         result: dict[str, Any] | None = None
         error: str | None = None
+        model = self.model_for_export(trainer, model_path, precision, run_dir)  # collective under FSDP
         if state.is_main_process:
             try:
-                result = self.export(
-                    trainer, tokenizer, precision, run_dir, fingerprint, manifest, base_digest, metrics
-                )
+                result = self.export(model, tokenizer, precision, run_dir, fingerprint, manifest, base_digest, metrics)
             except WorkerError as err:
                 error = str(err)
         result, error = train_dist.broadcast((result, error))
@@ -297,7 +313,8 @@ class TrainRun:
         if self.student.objective != "onPolicy":
             from trl.trainer.sft_config import SFTConfig
 
-            return SFTConfig(**sft_arguments(self.config, precision, output_dir, cuda, self.flash_attention))
+            arguments = sft_arguments(self.config, precision, output_dir, cuda, self.flash_attention)
+            return SFTConfig(**arguments, **(fsdp_arguments(self.fsdp_layers) if self.strategy == "fsdp" else {}))
         from kubedistill.worker import train_onpolicy
 
         assert self.config.teacher is not None
@@ -306,7 +323,8 @@ class TrainRun:
             self.teacher_server = train_onpolicy.TeacherServer(self.config, self.work_dir)
         url = train_onpolicy.scoring_url(teacher, self.teacher_server.port if self.teacher_server else None)
         config_class = train_onpolicy.config_class()
-        return config_class(**on_policy_arguments(self.config, precision, output_dir, cuda, url))
+        arguments = on_policy_arguments(self.config, precision, output_dir, cuda, url)
+        return config_class(**arguments, **(fsdp_arguments(self.fsdp_layers) if self.strategy == "fsdp" else {}))
 
     def prepare_kd(
         self, manifest: Any, records: list[Any], rows: list[dict[str, Any]], tokenizer: Any, run_dir: Path
@@ -489,9 +507,68 @@ class TrainRun:
             )
         return trainer, checkpoint_cb, progress_cb
 
+    def choose_strategy(self, source: ModelSource, cuda: bool, run_dir: Path) -> None:
+        """ddp or fsdp (or a single process), from the spec and, for auto, the student's size vs the GPU."""
+        parameters, self.fsdp_layers = 0, set()
+        if train_dist.env_world_size() > 1 and self.training.strategy != "ddp":
+            parameters, self.fsdp_layers = count_parameters(self.student_config(source, run_dir))
+        gpu_bytes = None
+        if cuda:
+            import torch
+
+            gpu_bytes = int(torch.cuda.get_device_properties(0).total_memory)
+        try:
+            self.strategy, why = choose_strategy(
+                self.training.strategy, train_dist.env_world_size(), cuda, self.student.method, parameters, gpu_bytes
+            )
+        except PlanError as err:
+            raise WorkerError(str(err)) from err
+        log.info("strategy %s: %s", self.strategy, why)
+
+    def student_config(self, source: ModelSource, run_dir: Path) -> Any:
+        """The student's model config alone (no weights): enough to count its parameters."""
+        from transformers import AutoConfig
+
+        location = source.location
+        if source.kind == "s3":
+            probe = run_dir / "config-probe"
+            open_store(location, self.config.storage).download_file(
+                join(location, "config.json"), probe / "config.json"
+            )
+            location = str(probe)
+        try:
+            return AutoConfig.from_pretrained(location)
+        except Exception as err:
+            raise WorkerError(f"cannot load the student's config from {self.student.model}: {err}") from err
+
+    def model_for_export(self, trainer: Any, model_path: str, precision: Any, run_dir: Path) -> Any:
+        """The trained model, whole, on rank 0 (None elsewhere). Every rank must call it.
+
+        Under FSDP the weights are spread over every rank: the Trainer gathers them (full state
+        dict, collective) into a directory, and rank 0 loads that (the adapter onto its base for LoRA).
+        """
+        if self.strategy != "fsdp":
+            return trainer.accelerator.unwrap_model(trainer.model) if train_dist.is_main() else None
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        gathered = run_dir / "gathered"
+        trainer.save_model(str(gathered))
+        train_dist.barrier()
+        if not train_dist.is_main():
+            return None
+        dtype = getattr(torch, load_dtype_name(precision, self.student.method))
+        if self.student.method == "lora":
+            from peft import PeftModel
+
+            base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+            return PeftModel.from_pretrained(base, str(gathered))
+        return AutoModelForCausalLM.from_pretrained(str(gathered), dtype=dtype)
+
     def export(
         self,
-        trainer: Any,
+        model: Any,
         tokenizer: Any,
         precision: Any,
         run_dir: Path,
@@ -512,7 +589,6 @@ class TrainRun:
         dest = run_dir / "export"
         if dest.exists():
             shutil.rmtree(dest)
-        model = trainer.accelerator.unwrap_model(trainer.model)
         adapter = save_export(model, tokenizer, self.config, export_dtype_name(precision), dest)
         _, digest = write_metadata(
             dest,
@@ -547,6 +623,7 @@ class TrainRun:
             train_seconds=round(metrics["train_seconds"], 3),
             resumed_from_step=metrics["resumed_from_step"],
             objective=self.student.objective,
+            strategy=self.strategy,
             losses=metrics["losses"],
             teacher_tokens_scored=metrics["teacher_tokens_scored"],
         ).to_wire()

@@ -14,8 +14,10 @@ optimizer, scheduler, RNG state and skips the batches already seen, so the
 global step continues and the data order is the one an uninterrupted run sees.
 
 Under torchrun, rank 0 uploads the shared files and every rank uploads its own
-``rng_state_<rank>.pth`` (on multi-node runs it exists only on that rank's
-node); rank 0 writes the marker once every rank reported success.
+``rng_state_<rank>.pth`` and, with FSDP, its own shards of the model and optimizer
+(``__<rank>_0.distcp``: on multi-node runs they exist only on that rank's node);
+rank 0 writes the marker once every rank reported success. A resumed run downloads
+every file on every node, so torch's distributed checkpoint can reshard.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from kubedistill.worker.train_plan import CHECKPOINT_MARKER, checkpoints_to_dele
 
 log = logging.getLogger("kubedistill.worker.train")
 _RNG_FILE = re.compile(r"^rng_state_(\d+)\.pth$")
+# torch distributed checkpoint shards of FSDP (model and optimizer): __<rank>_<n>.distcp
+_DCP_SHARD = re.compile(r"(^|/)__(\d+)_\d+\.distcp$")
 
 
 @dataclass(frozen=True)
@@ -50,8 +54,8 @@ def files_for_rank(local_dir: Path, rank: int) -> list[str]:
     out = []
     for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
         rel = path.relative_to(local_dir).as_posix()
-        match = _RNG_FILE.match(rel)
-        owner = int(match.group(1)) if match else 0
+        rng, shard = _RNG_FILE.match(rel), _DCP_SHARD.search(rel)
+        owner = int(rng.group(1)) if rng else int(shard.group(2)) if shard else 0
         if owner == rank:
             out.append(rel)
     return out

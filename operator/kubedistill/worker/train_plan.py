@@ -31,6 +31,61 @@ class PlanError(ValueError):
     """A spec that cannot run here; the message is the user-facing one-line reason."""
 
 
+# --------------------------------------------------------------------------- strategy
+
+Strategy = Literal["single", "ddp", "fsdp"]
+# Training state per parameter: bf16 weights and gradients plus fp32 master weights and two Adam
+# moments (2 + 2 + 4 + 8) for full fine-tuning; the frozen bf16 weights alone dominate with LoRA.
+FULL_BYTES_PER_PARAMETER = 16
+LORA_BYTES_PER_PARAMETER = 2
+GPU_FIT = 0.8  # activations, the CUDA context and fragmentation need the rest
+FSDP_NEEDS_CUDA = (
+    "student.training.strategy fsdp needs GPUs: accelerate shards a model with FSDP on CUDA devices only "
+    "(on CPU it would silently train every process with a full copy); use strategy ddp or auto on CPU nodes"
+)
+
+
+def training_bytes(parameters: int, method: str) -> int:
+    return parameters * (FULL_BYTES_PER_PARAMETER if method == "full" else LORA_BYTES_PER_PARAMETER)
+
+
+def choose_strategy(
+    requested: str, world_size: int, cuda: bool, method: str, parameters: int, gpu_bytes: int | None
+) -> tuple[Strategy, str]:
+    """How the processes share the work, and why (a log line). Raises PlanError for fsdp without GPUs."""
+    if world_size <= 1:
+        return "single", "one process"
+    if requested == "ddp":
+        return "ddp", "spec.student.training.strategy is ddp"
+    if requested == "fsdp":
+        if not cuda:
+            raise PlanError(FSDP_NEEDS_CUDA)
+        return "fsdp", "spec.student.training.strategy is fsdp"
+    if not cuda or not gpu_bytes:
+        return "ddp", "auto: no GPU (FSDP runs on GPUs only)"
+    need = training_bytes(parameters, method)
+    if need > GPU_FIT * gpu_bytes:
+        return "fsdp", (
+            f"auto: {need / 2**30:.1f} GiB of training state ({parameters / 1e9:.2f}B parameters, {method}) "
+            f"is more than {GPU_FIT:.0%} of one GPU's {gpu_bytes / 2**30:.0f} GiB"
+        )
+    return "ddp", f"auto: {need / 2**30:.1f} GiB of training state fits one GPU's {gpu_bytes / 2**30:.0f} GiB"
+
+
+def fsdp_arguments(layer_classes: set[str] | list[str]) -> dict[str, Any]:
+    """SFTConfig keywords for FSDP2: each decoder layer a shard unit, checkpoints sharded (torch DCP)."""
+    return {
+        "fsdp": "full_shard auto_wrap",
+        "fsdp_config": {
+            "fsdp_version": 2,
+            "transformer_layer_cls_to_wrap": sorted(layer_classes),
+            "reshard_after_forward": True,
+            # every rank writes its own shard: no full copy of an 8B model gathered at every checkpoint
+            "state_dict_type": "SHARDED_STATE_DICT",
+        },
+    }
+
+
 # --------------------------------------------------------------------------- precision
 
 
