@@ -20,7 +20,10 @@ from kubedistill.api.v1alpha1 import DistilledModel, ModelArtifact, StorageSpec
 from kubedistill.api.worker_config import CONFIG_DIR, TERMINATION_LOG, FetchConfig, StorageSettings
 from kubedistill.builders import names
 from kubedistill.builders.resources import (
+    HOME_ENV,
     SHM_MOUNT,
+    TMP_MOUNT,
+    TMP_VOLUME,
     container_security_context,
     image_pull_secrets,
     pod_security_context,
@@ -156,11 +159,16 @@ def _fetch_container(plan: ServingPlan, settings: OperatorSettings, config_file:
         "image": settings.worker_image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["kubedistill-worker", "fetch", "--config", f"{CONFIG_DIR}/{config_file}"],
-        "env": [{"name": "KUBEDISTILL_LOG_LEVEL", "value": settings.log_level}, *storage_env(plan.storage)],
+        "env": [
+            {"name": "KUBEDISTILL_LOG_LEVEL", "value": settings.log_level},
+            *HOME_ENV,
+            *storage_env(plan.storage),
+        ],
         "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "2Gi"}},
         "volumeMounts": [
             {"name": "fetch-config", "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "models", "mountPath": settings.serving.model_dir},
+            dict(TMP_MOUNT),
         ],
         "securityContext": container_security_context(settings),
         "terminationMessagePath": TERMINATION_LOG,
@@ -182,8 +190,7 @@ def build_deployment(plan: ServingPlan, settings: OperatorSettings) -> dict[str,
         "args": _vllm_args(plan, settings),
         "env": [
             # The image may expect root's HOME; caches go to a writable volume instead.
-            {"name": "HOME", "value": "/tmp"},
-            {"name": "HF_HOME", "value": "/tmp/hf"},
+            *HOME_ENV,
             *[{"name": e.name, "value": e.value} for e in serving.vllm.env],
         ],
         "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
@@ -197,7 +204,7 @@ def build_deployment(plan: ServingPlan, settings: OperatorSettings) -> dict[str,
         "livenessProbe": {**health, "periodSeconds": 15, "failureThreshold": 4},
         "volumeMounts": [
             {"name": "models", "mountPath": settings.serving.model_dir, "readOnly": True},
-            {"name": "tmp", "mountPath": "/tmp"},
+            dict(TMP_MOUNT),
             dict(SHM_MOUNT),
         ],
         "securityContext": container_security_context(settings),
@@ -230,7 +237,7 @@ def build_deployment(plan: ServingPlan, settings: OperatorSettings) -> dict[str,
                 "configMap": {"name": names.model_fetch_config_name(plan.name, plan.source_hash)},
             },
             {"name": "models", "emptyDir": {"sizeLimit": settings.serving.model_volume_size}},
-            {"name": "tmp", "emptyDir": {}},
+            dict(TMP_VOLUME),
             shm_volume(settings.gpu_pool.shm_size if gpu else settings.cpu_pool.shm_size),
         ],
     }

@@ -29,7 +29,10 @@ from kubedistill.api.worker_config import (
 from kubedistill.builders import names
 from kubedistill.builders.plan import RunPlan, Stage
 from kubedistill.builders.resources import (
+    HOME_ENV,
     SHM_MOUNT,
+    TMP_MOUNT,
+    TMP_VOLUME,
     container_security_context,
     image_pull_secrets,
     pod_security_context,
@@ -41,7 +44,6 @@ from kubedistill.builders.resources import (
 from kubedistill.builders.settings import OperatorSettings
 
 PROMPTS_DIR = "/var/run/kubedistill/prompts"
-SCRATCH_DIR = "/tmp/kubedistill"  # the workers' default workDir
 EXIT_FAILED = 1  # a WorkerError: bad input or a gate the worker checks; retrying cannot help
 EXIT_PREEMPTED = 143  # SIGTERM after a checkpoint: not the workload's fault
 TRAIN_GRACE_SECONDS = 300  # time to write a checkpoint after SIGTERM
@@ -258,6 +260,7 @@ def _env(plan: RunPlan, stage: Stage, placement: Placement, settings: OperatorSe
     env: list[dict[str, Any]] = [
         {"name": "KUBEDISTILL_LOG_LEVEL", "value": settings.log_level},
         {"name": GRACE_SECONDS_ENV, "value": str(grace_seconds(stage))},
+        *HOME_ENV,
     ]
     if stage == "generate" and spec.teacher.endpoint is not None and spec.teacher.endpoint.api_key_secret_ref:
         env.append(secret_env(TEACHER_API_KEY_ENV, spec.teacher.endpoint.api_key_secret_ref))
@@ -296,11 +299,12 @@ def _volumes(plan: RunPlan, stage: Stage, placement: Placement) -> tuple[list[di
                 "items": [{"key": f"{stage}.yaml", "path": f"{stage}.yaml"}],
             },
         },
-        {"name": "scratch", "emptyDir": {}},
+        # The workers' scratch (workDir /tmp/kubedistill) and caches; the root filesystem is read-only.
+        dict(TMP_VOLUME),
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-        {"name": "scratch", "mountPath": SCRATCH_DIR},
+        dict(TMP_MOUNT),
     ]
     if placement.shm:
         volumes.append(shm_volume(placement.shm))
