@@ -88,7 +88,8 @@ def test_dockerfiles_take_their_base_and_run_as_the_pods_user() -> None:
     for name, text in DOCKERFILES.items():
         lines = [line for line in text.splitlines() if line and not line.startswith("#")]
         assert re.fullmatch(r"ARG BASE_IMAGE=\S+", lines[0]), f"{name}: the first instruction declares BASE_IMAGE"
-        assert [line for line in lines if line.startswith("FROM")] == ["FROM ${BASE_IMAGE}"], name
+        froms = [line for line in lines if line.startswith("FROM")]
+        assert froms == ["FROM ${BASE_IMAGE} AS requirements", "FROM ${BASE_IMAGE}"], name
         assert f"USER {user}:{user}" in lines, name
         assert f"useradd --uid {user}" in text, name
     # The defaults are the public images users expect (hack/images --base overrides them).
