@@ -3,7 +3,8 @@
 `images` (session): `hack/images build --base debian operator worker-cpu`, the same command a
 developer runs: the first build on a machine bootstraps the Debian base and installs everything
 (minutes), later ones find every layer cached (seconds). Its output lands in the log on failure.
-`engine` (session): podman (or docker) with hack/images' configuration for this machine.
+`engine` (session): podman (or docker) with hack/images' configuration for this machine;
+`hack/images setup` installs podman, runc and mmdebstrap first when they are missing.
 `s3`, `cluster`, `namespace`: the worker and cluster tiers' fixtures.
 """
 
@@ -33,6 +34,10 @@ class Images:
 
 @pytest.fixture(scope="session")
 def engine() -> Engine:
+    # podman, runc and mmdebstrap from Debian's packages when missing (root), as CI needs them.
+    setup = subprocess.run([str(HACK_IMAGES), "setup"], capture_output=True, text=True, timeout=1200)
+    if setup.returncode != 0:
+        pytest.fail(f"hack/images setup failed:\n{setup.stderr[-3000:]}", pytrace=False)
     found = Engine.from_hack()
     found.remove_orphans()
     return found
