@@ -4,7 +4,7 @@
 developer runs: the first build on a machine bootstraps the Debian base and installs everything
 (minutes), later ones find every layer cached (seconds). Its output lands in the log on failure.
 `engine` (session): podman (or docker) with hack/images' configuration for this machine;
-`hack/images setup` installs podman, runc and mmdebstrap first when they are missing.
+`hack/images setup` installs podman, runc, mmdebstrap, containerd and the CNI plugins when missing.
 `s3`, `cluster`, `namespace`: the worker and cluster tiers' fixtures.
 """
 
