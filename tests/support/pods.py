@@ -37,7 +37,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import subprocess
 import time
 from collections.abc import Mapping
@@ -340,9 +339,6 @@ class Pod:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-    def cleanup_files(self) -> None:
-        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def _check_fields(what: str, spec: Mapping[str, Any], known: set[str], ignored: set[str]) -> None:
