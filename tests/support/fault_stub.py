@@ -187,7 +187,7 @@ def make_app(state: _State) -> Any:
     return app
 
 
-def serve(port: int, latency: float, api_key: str | None) -> None:
+def serve(port: int, latency: float, api_key: str | None, host: str = "127.0.0.1") -> None:
     import logging
     import socket
 
@@ -203,7 +203,7 @@ def serve(port: int, latency: float, api_key: str | None) -> None:
     logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
+    sock.bind((host, port))
     sock.listen(4096)
     print(f"READY port={sock.getsockname()[1]}", flush=True)
     web.run_app(make_app(_State(latency, api_key)), sock=sock, access_log=None, print=None, backlog=4096)
@@ -215,7 +215,11 @@ def serve(port: int, latency: float, api_key: str | None) -> None:
 class FaultStub:
     """Start the stub in a subprocess; script faults and read its request log over HTTP."""
 
-    def __init__(self, *, latency: float = 0.0, api_key: str | None = None, port: int = 0) -> None:
+    def __init__(
+        self, *, latency: float = 0.0, api_key: str | None = None, port: int = 0, host: str = "127.0.0.1"
+    ) -> None:
+        # host: another address than loopback for clients in other network namespaces (real pods).
+        self.host = host
         self.latency = latency
         self.api_key = api_key
         self.port = port
@@ -237,6 +241,8 @@ class FaultStub:
             str(self.port),
             "--latency",
             str(self.latency),
+            "--host",
+            self.host,
         ]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
         if self.api_key:
@@ -262,7 +268,7 @@ class FaultStub:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def base_url(self) -> str:
@@ -300,9 +306,10 @@ class FaultStub:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds before every answer")
     args = parser.parse_args(argv)
-    serve(args.port, args.latency, os.environ.get("FAULT_STUB_API_KEY") or None)
+    serve(args.port, args.latency, os.environ.get("FAULT_STUB_API_KEY") or None, args.host)
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ def _supports_user_xattrs(directory: Path) -> bool:
 
 
 class S3Server:
-    """versitygw serving `root` on 127.0.0.1 with fixed test credentials (single account)."""
+    """versitygw serving `root` on 127.0.0.1 (or `host`) with fixed test credentials (single account)."""
 
     def __init__(
         self,
@@ -93,7 +93,10 @@ class S3Server:
         secret_key: str = SECRET_KEY,
         region: str = REGION,
         binary: str | os.PathLike[str] | None = None,
+        host: str = "127.0.0.1",
     ) -> None:
+        # host: another address than loopback for clients in other network namespaces (real pods).
+        self.host = host
         # Without `root`, the server's data lives in a temp dir removed by stop().
         self._owns_root = root is None
         self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="s3-"))
@@ -107,7 +110,7 @@ class S3Server:
     @property
     def endpoint_url(self) -> str:
         assert self.port is not None, "not started"
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def start(self, timeout: float = 30.0) -> S3Server:
         binary = self.binary or versitygw_binary()
@@ -124,7 +127,7 @@ class S3Server:
             port = self.port if self.port is not None and attempt == 0 else free_port()
             argv = [
                 str(binary),
-                "--port", f"127.0.0.1:{port}",
+                "--port", f"{self.host}:{port}",
                 "--access", self.access_key,
                 "--secret", self.secret_key,
                 "--region", self.region,
@@ -136,7 +139,7 @@ class S3Server:
             env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.root)}
             proc = ManagedProcess(argv, log_path=self.root / "versitygw.log", env=env, name="versitygw").start()
             try:
-                wait_for_http(f"http://127.0.0.1:{port}{HEALTH_PATH}", timeout=timeout, proc=proc)
+                wait_for_http(f"http://{self.host}:{port}{HEALTH_PATH}", timeout=timeout, proc=proc)
             except ProcessFailed:
                 proc.stop()
                 if attempt == 2 or self.port is not None:

@@ -50,6 +50,11 @@ def assert_restricted(pod: dict[str, Any]) -> None:
         assert csc["capabilities"] == {"drop": ["ALL"]}
         assert csc["runAsNonRoot"] is True
         assert csc["seccompProfile"] == {"type": "RuntimeDefault"}
+        # A read-only root; /tmp (scratch, HOME, caches) is an emptyDir.
+        assert csc["readOnlyRootFilesystem"] is True
+        tmp = next(m for m in container["volumeMounts"] if m["mountPath"] == "/tmp")
+        assert "emptyDir" in next(v for v in pod["volumes"] if v["name"] == tmp["name"])
+        assert {"name": "HOME", "value": "/tmp"} in container["env"]
     for volume in pod.get("volumes", []):
         assert set(volume) - {"name"} <= {"configMap", "emptyDir", "secret", "projected"}, volume
 
@@ -73,7 +78,7 @@ def test_generate_with_an_api_teacher_is_cpu_only_and_gets_the_key_by_reference(
     }
     assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {"name": "s3creds", "key": "AWS_ACCESS_KEY_ID"}
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "s3creds"
-    plain = {"KUBEDISTILL_LOG_LEVEL", "KUBEDISTILL_GRACE_SECONDS"}
+    plain = {"KUBEDISTILL_LOG_LEVEL", "KUBEDISTILL_GRACE_SECONDS", "HOME", "HF_HOME"}
     assert all("value" not in e or e["name"] in plain for e in env.values())
     # The worker knows its grace period, to exit within it (and say so) rather than be SIGKILLed.
     assert env["KUBEDISTILL_GRACE_SECONDS"]["value"] == str(pod["terminationGracePeriodSeconds"]) == "30"
@@ -82,6 +87,16 @@ def test_generate_with_an_api_teacher_is_cpu_only_and_gets_the_key_by_reference(
     assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert pod["restartPolicy"] == "Never" and pod["automountServiceAccountToken"] is False
     assert_restricted(pod)
+
+
+def test_a_writable_root_only_when_the_settings_ask_for_it() -> None:
+    plan = plan_of(distillation_job("demo"))
+    writable = OperatorSettings.model_validate({"security": {"readOnlyRootFilesystem": False}})
+    for stage in ("generate", "train", "evaluate"):
+        [container] = pod_of(build_stage_job(plan, stage, SETTINGS))["containers"]
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        [container] = pod_of(build_stage_job(plan, stage, writable))["containers"]
+        assert container["securityContext"]["readOnlyRootFilesystem"] is False
 
 
 def test_job_owner_labels_and_failure_policy() -> None:

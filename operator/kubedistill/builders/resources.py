@@ -40,14 +40,24 @@ def pod_security_context(settings: OperatorSettings) -> dict[str, Any]:
 
 
 def container_security_context(settings: OperatorSettings) -> dict[str, Any]:
-    """Container-level half: no privilege escalation, every capability dropped."""
+    """Container-level half: no privilege escalation, every capability dropped; and a read-only root."""
     return {
         "runAsNonRoot": True,
         "runAsUser": settings.security.run_as_user,
         "allowPrivilegeEscalation": False,
         "capabilities": {"drop": ["ALL"]},
         "seccompProfile": {"type": "RuntimeDefault"},
+        "readOnlyRootFilesystem": settings.security.read_only_root_filesystem,
     }
+
+
+# Every container writes only here (an emptyDir): scratch, and the caches that Hugging Face,
+# torch.compile and vLLM keep under HOME. The images set HOME=/tmp too; the pods say it again
+# for images that do not (vLLM's own image, a team's worker image).
+TMP_DIR = "/tmp"
+HOME_ENV: list[dict[str, str]] = [{"name": "HOME", "value": TMP_DIR}, {"name": "HF_HOME", "value": f"{TMP_DIR}/hf"}]
+TMP_VOLUME: dict[str, Any] = {"name": "tmp", "emptyDir": {}}
+TMP_MOUNT: dict[str, Any] = {"name": "tmp", "mountPath": TMP_DIR}
 
 
 def tolerations(items: list[Toleration]) -> list[dict[str, Any]]:

@@ -22,7 +22,10 @@ from kubedistill.builders import adapters as pool
 from kubedistill.builders import integrations, names
 from kubedistill.builders.integrations import Capabilities
 from kubedistill.builders.resources import (
+    HOME_ENV,
     SHM_MOUNT,
+    TMP_MOUNT,
+    TMP_VOLUME,
     container_security_context,
     image_pull_secrets,
     pod_security_context,
@@ -188,11 +191,16 @@ def _fetch_container(plan: ServingPlan, settings: OperatorSettings, config_file:
         "image": settings.worker_image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["kubedistill-worker", "fetch", "--config", f"{CONFIG_DIR}/{config_file}"],
-        "env": [{"name": "KUBEDISTILL_LOG_LEVEL", "value": settings.log_level}, *storage_env(plan.storage)],
+        "env": [
+            {"name": "KUBEDISTILL_LOG_LEVEL", "value": settings.log_level},
+            *HOME_ENV,
+            *storage_env(plan.storage),
+        ],
         "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "2Gi"}},
         "volumeMounts": [
             {"name": "fetch-config", "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "models", "mountPath": settings.serving.model_dir},
+            dict(TMP_MOUNT),
         ],
         "securityContext": container_security_context(settings),
         "terminationMessagePath": TERMINATION_LOG,
@@ -214,8 +222,7 @@ def build_deployment(plan: ServingPlan, settings: OperatorSettings, autoscaled: 
         "args": _vllm_args(plan, settings),
         "env": [
             # The image may expect root's HOME; caches go to a writable volume instead.
-            {"name": "HOME", "value": "/tmp"},
-            {"name": "HF_HOME", "value": "/tmp/hf"},
+            *HOME_ENV,
             *(pool.POOL_VLLM_ENV if serving.adapters is not None else []),
             *(stream_env(plan.storage) + storage_env(plan.storage) if _streams(plan) else []),
             *[{"name": e.name, "value": e.value} for e in serving.vllm.env],
@@ -231,7 +238,7 @@ def build_deployment(plan: ServingPlan, settings: OperatorSettings, autoscaled: 
         "livenessProbe": {**health, "periodSeconds": 15, "failureThreshold": 4},
         "volumeMounts": [
             {"name": "models", "mountPath": settings.serving.model_dir, "readOnly": True},
-            {"name": "tmp", "mountPath": "/tmp"},
+            dict(TMP_MOUNT),
             dict(SHM_MOUNT),
         ],
         "securityContext": container_security_context(settings),
@@ -260,7 +267,7 @@ def build_deployment(plan: ServingPlan, settings: OperatorSettings, autoscaled: 
         "containers": [container],
         "volumes": [
             {"name": "models", "emptyDir": {"sizeLimit": settings.serving.model_volume_size}},
-            {"name": "tmp", "emptyDir": {}},
+            dict(TMP_VOLUME),
             shm_volume(settings.gpu_pool.shm_size if gpu else settings.cpu_pool.shm_size),
         ],
     }

@@ -68,6 +68,11 @@ class SecuritySettings(ApiModel):
     run_as_user: int = Field(default=65532, ge=1, description="Non-root UID of every container (the images' user).")
     run_as_group: int = Field(default=65532, ge=1, description="GID of every container.")
     fs_group: int = Field(default=65532, ge=1, description="Group owning mounted volumes.")
+    read_only_root_filesystem: bool = Field(
+        default=True,
+        description="Read-only root filesystem in every container; /tmp (scratch, caches, HOME) is an emptyDir. "
+        "Turn off only for an image that must write elsewhere.",
+    )
 
 
 class JobSettings(ApiModel):

@@ -34,7 +34,10 @@ from kubedistill.builders import names
 from kubedistill.builders.plan import RunPlan, Stage
 from kubedistill.builders.progress import worker_service_account
 from kubedistill.builders.resources import (
+    HOME_ENV,
     SHM_MOUNT,
+    TMP_MOUNT,
+    TMP_VOLUME,
     api_token_mount,
     api_token_volume,
     container_security_context,
@@ -48,7 +51,6 @@ from kubedistill.builders.resources import (
 from kubedistill.builders.settings import OperatorSettings
 
 PROMPTS_DIR = "/var/run/kubedistill/prompts"
-SCRATCH_DIR = "/tmp/kubedistill"  # the workers' default workDir
 TRAIN_GRACE_SECONDS = 300  # time to write a checkpoint after SIGTERM
 WORKER_TOKEN_VOLUME = "api-token"
 GRACE_SECONDS = 30  # the other stages: drain requests in flight, store answers (Kubernetes' default)
@@ -287,6 +289,7 @@ def _env(plan: RunPlan, stage: Stage, placement: Placement, settings: OperatorSe
     env: list[dict[str, Any]] = [
         {"name": "KUBEDISTILL_LOG_LEVEL", "value": settings.log_level},
         {"name": GRACE_SECONDS_ENV, "value": str(grace_seconds(stage))},
+        *HOME_ENV,
     ]
     if _asks_teacher(plan, stage) and spec.teacher.endpoint is not None and spec.teacher.endpoint.api_key_secret_ref:
         env.append(secret_env(TEACHER_API_KEY_ENV, spec.teacher.endpoint.api_key_secret_ref))
@@ -325,11 +328,12 @@ def _volumes(plan: RunPlan, stage: Stage, placement: Placement) -> tuple[list[di
                 "items": [{"key": f"{stage}.yaml", "path": f"{stage}.yaml"}],
             },
         },
-        {"name": "scratch", "emptyDir": {}},
+        # The workers' scratch (workDir /tmp/kubedistill) and caches; the root filesystem is read-only.
+        dict(TMP_VOLUME),
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-        {"name": "scratch", "mountPath": SCRATCH_DIR},
+        dict(TMP_MOUNT),
     ]
     volumes.append(api_token_volume(WORKER_TOKEN_VOLUME))
     mounts.append(api_token_mount(WORKER_TOKEN_VOLUME))
