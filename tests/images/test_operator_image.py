@@ -74,11 +74,12 @@ def test_the_operator_image_runs_a_distillation_in_cluster(
 ) -> None:
     docs = release["docs"]
     deployment = next(d for d in docs if d["kind"] == "Deployment")
-    config_map = next(d for d in docs if d["kind"] == "ConfigMap")
+    config_map = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-settings"))
     pod_spec = deployment["spec"]["template"]["spec"]
     [container] = pod_spec["containers"]
     assert container["image"] == images.operator
-    assert f"http://0.0.0.0:{LIVENESS_PORT}/healthz" in container["args"]
+    args = container["args"]
+    assert args[args.index("--metrics-port") + 1] == str(LIVENESS_PORT)  # /healthz, /readyz and /metrics
     if not _port_free(LIVENESS_PORT):
         raise PodError(f"port {LIVENESS_PORT} is taken on this machine: the operator's liveness endpoint needs it")
 
@@ -104,6 +105,8 @@ def test_the_operator_image_runs_a_distillation_in_cluster(
         operator = pod.start("operator")
         assert_hardened(operator)
         wait_http(f"http://127.0.0.1:{LIVENESS_PORT}/healthz", operator, timeout=120, what="operator liveness")
+        # The chart elects a leader; the only replica takes the Lease and turns ready.
+        wait_http(f"http://127.0.0.1:{LIVENESS_PORT}/readyz", operator, timeout=60, what="operator readiness")
         cluster.kubectl("-n", work, "create", "secret", "generic", "teacher-key", "--from-literal=api-key=sk-0")
         manifest = distillation_job("image", model_name="image-bot", api_key_secret="teacher-key")
         manifest["spec"]["output"]["model"]["serving"] = {"replicas": 1, "gpus": 0}

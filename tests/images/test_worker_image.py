@@ -8,7 +8,9 @@ as builders/ renders it (command, env, Secret references, ConfigMap, volumes, se
 
 - generate: SIGTERM mid-run exits 143 (preempted) with every answer received stored; the rerun
   asks only for the rest; each prompt answered once overall, the faulted ones retried; the API
-  key reached the teacher and no log;
+  key reached the teacher and no log; the pod's projected token of the job's worker
+  ServiceAccount lets it report progress into the job's ConfigMap on the local cluster, and
+  nothing else;
 - train: full fine-tuning from S3 to S3; the termination message is the result the operator
   parses; the export is a model transformers loads;
 - evaluate: the student against the teacher's held-out answers: learning is real;
@@ -33,6 +35,7 @@ from kubedistill.api.v1alpha1 import DistillationJob, DistilledModel, ModelArtif
 from kubedistill.api.worker_config import EvaluateResult, GenerateResult, StorageSettings, TrainResult
 from kubedistill.builders import names
 from kubedistill.builders.plan import RunPlan, Stage
+from kubedistill.builders.progress import build_progress_children, worker_service_account
 from kubedistill.builders.publish import build_distilled_model
 from kubedistill.builders.serving import ServingPlan, build_deployment, build_fetch_config_map
 from kubedistill.builders.settings import OperatorSettings
@@ -42,13 +45,14 @@ from kubedistill.reconcile.keys import compute_stage_keys
 from kubedistill.reconcile.observe import parse_result
 from kubedistill.storage.objectstore import S3Store, upload_dir
 from tests.images.conftest import Images
+from tests.support.cluster import Cluster
 from tests.support.datasets import TASK_WORDS, copy_task, task_corpus
 from tests.support.fault_stub import FaultStub
-from tests.support.pods import Container, Engine, Pod, wait_http
+from tests.support.pods import Container, Engine, Pod, ServiceAccount, wait_http
 from tests.support.procs import free_port
 from tests.support.tiny_model import cached_tiny_chat_model
 
-pytestmark = [pytest.mark.images, pytest.mark.slow]
+pytestmark = [pytest.mark.images, pytest.mark.cluster, pytest.mark.slow]
 
 API_KEY = "sk-images-0123456789abcdef"
 # Distinct copy-task prompts; the teacher (the stub) answers "echo: <prompt>".
@@ -68,7 +72,10 @@ class Run:
     stub: FaultStub
     bucket: str
     tmp: Path
+    cluster: Cluster
+    namespace: str
     plan: RunPlan = field(init=False)
+    account: ServiceAccount = field(init=False)
     settings: OperatorSettings = field(init=False)
     pods: int = 0
 
@@ -81,7 +88,7 @@ class Run:
         manifest = {
             "apiVersion": "kubedistill.io/v1alpha1",
             "kind": "DistillationJob",
-            "metadata": {"name": "images", "namespace": "images", "uid": "uid-images", "generation": 1},
+            "metadata": {"name": "images", "namespace": self.namespace, "uid": "uid-images", "generation": 1},
             "spec": {
                 "teacher": {
                     "endpoint": {
@@ -137,6 +144,29 @@ class Run:
         # host's network here, where 8000 may be taken.
         settings = {**self.images.values["settings"], "serving": {"port": free_port()}}
         self.settings = OperatorSettings.model_validate(settings)
+        self.account = self._worker_account()
+
+    def _worker_account(self) -> ServiceAccount:
+        """The job's progress ConfigMap, worker ServiceAccount and Role, as the operator creates
+        them (without the owner: no DistillationJob exists here), and a token of that account."""
+        for child in build_progress_children(self.plan, self.settings):
+            child["metadata"].pop("ownerReferences")
+            self.cluster.apply(child, namespace=self.namespace)
+        name = worker_service_account(self.plan, self.settings)
+        token = self.cluster.kubectl("-n", self.namespace, "create", "token", name, "--duration=60m").stdout.strip()
+        return ServiceAccount(
+            token=token,
+            ca_crt=(self.cluster.dir / "pki" / "ca.crt").read_text(),
+            namespace=self.namespace,
+            api_host="127.0.0.1",
+            api_port=self.cluster.ports()["apiserver"],
+        )
+
+    def progress(self) -> dict[str, Any]:
+        """The progress ConfigMap's reports, by stage."""
+        name = names.progress_config_name(self.plan.name)
+        data = self.cluster.core().read_namespaced_config_map(name, self.namespace).data or {}
+        return {stage: json.loads(report) for stage, report in data.items()}
 
     def stage_pod(self, stage: Stage) -> Pod:
         job = build_stage_job(self.plan, stage, self.settings)
@@ -148,6 +178,7 @@ class Run:
             workdir=self.tmp / f"{stage}-{self.pods}",
             config_maps={config_map["metadata"]["name"]: config_map["data"]},
             secrets=self.secrets,
+            service_account=self.account,
         )
 
     def store(self) -> S3Store:
@@ -187,11 +218,13 @@ def assert_hardened(container: Container) -> None:
 
 
 @pytest.fixture(scope="module")
-def run(engine: Engine, images: Images, s3: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+def run(
+    engine: Engine, images: Images, s3: Any, cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Run]:
     tmp = tmp_path_factory.mktemp("worker-image")
-    with FaultStub(api_key=API_KEY) as stub:
+    with FaultStub(api_key=API_KEY) as stub, cluster.new_namespace("worker-image") as namespace:
         bucket = s3.make_bucket()
-        found = Run(engine, images, s3, stub, bucket, tmp)
+        found = Run(engine, images, s3, stub, bucket, tmp, cluster, namespace)
         lines = [json.dumps({"id": f"p{i}", "prompt": p}) for i, p in enumerate(PROMPTS)]
         s3.client().put_object(Bucket=bucket, Key="prompts.jsonl", Body=("\n".join(lines) + "\n").encode())
         # The task's words, the verb and the teacher's prefix are single tokens of the student.
@@ -242,6 +275,9 @@ def test_generate_pod_resumes_after_sigterm_and_never_pays_twice(run: Run, gener
     assert all(e["auth"] for e in run.stub.requests())
     manifest = DatasetManifest.model_validate_json(run.store().get_bytes(f"{run.plan.dataset_uri}/{MANIFEST_NAME}"))
     assert manifest.digest == generated.digest and manifest.counts.prompts == len(PROMPTS)
+    # The pod's last report reached the job's progress ConfigMap through the API server.
+    report = run.progress()["generate"]
+    assert (report["done"], report["total"], report["unit"]) == (len(PROMPTS), len(PROMPTS), "answers"), report
 
 
 @pytest.fixture(scope="module")

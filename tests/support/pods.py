@@ -20,8 +20,10 @@ pod's fsGroup); subPath and readOnly mounts; the security context (runAsUser/run
 fsGroup, runAsNonRoot, readOnlyRootFilesystem without podman's extra tmpfs mounts, dropped and
 added capabilities, no privilege escalation, RuntimeDefault seccomp = the engine's default
 profile); the termination message file and FallbackToLogsOnError; init containers in order,
-each to success, before the others; the ServiceAccount token volume and KUBERNETES_SERVICE_*
-when the pod automounts a token.
+each to success, before the others; the ServiceAccount token volume when the pod automounts a
+token, projected volumes (a token of the given ServiceAccount, ConfigMap items with
+kube-root-ca.crt as the cluster's CA, the namespace by downward API), and KUBERNETES_SERVICE_*
+whenever a ServiceAccount is given.
 
 What it does not, on purpose: pod networking (every container shares the host's network: the
 local cluster's API server and the tests' servers listen on 127.0.0.1, and there is no CNI
@@ -202,9 +204,46 @@ class Pod:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_text(data[item["key"]])
                 target.chmod(0o644)
+        elif "projected" in volume:
+            for source in volume["projected"]["sources"]:
+                for item_path, text in self._projected(volume["name"], source):
+                    target = path / item_path
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_text(text)
+                    target.chmod(0o644)
         else:
-            raise PodError(f"volume {volume['name']}: only configMap and emptyDir volumes are implemented")
+            raise PodError(f"volume {volume['name']}: only configMap, emptyDir and projected volumes are implemented")
         return path
+
+    def _projected(self, volume: str, source: dict[str, Any]) -> list[tuple[str, str]]:
+        """(path, text) of one projected source, as the kubelet fills it: a token of the pod's
+        ServiceAccount, a ConfigMap's items (kube-root-ca.crt is the cluster's CA), the namespace."""
+        account = self.service_account
+        if "serviceAccountToken" in source:
+            if account is None:
+                raise PodError(f"volume {volume}: a ServiceAccount token needs service_account=")
+            return [(source["serviceAccountToken"]["path"], account.token)]
+        if "configMap" in source:
+            name = source["configMap"]["name"]
+            data = self.config_maps.get(name)
+            if data is None and name == "kube-root-ca.crt" and account is not None:
+                data = {"ca.crt": account.ca_crt}
+            if data is None:
+                raise PodError(f"ConfigMap {name} (volume {volume}) was not given")
+            items = source["configMap"].get("items") or [{"key": k, "path": k} for k in data]
+            return [(item["path"], data[item["key"]]) for item in items]
+        if "downwardAPI" in source:
+            found = []
+            for item in source["downwardAPI"]["items"]:
+                field_path = item["fieldRef"]["fieldPath"]
+                if field_path == "metadata.namespace" and account is not None:
+                    found.append((item["path"], account.namespace))
+                elif field_path in self.field_values:
+                    found.append((item["path"], self.field_values[field_path]))
+                else:
+                    raise PodError(f"volume {volume}: no value for {field_path}")
+            return found
+        raise PodError(f"volume {volume}: projected source {sorted(source)} not implemented")
 
     def _mounts(self, container: dict[str, Any]) -> list[str]:
         args: list[str] = []
@@ -231,7 +270,7 @@ class Pod:
 
     def _env(self, container: dict[str, Any]) -> dict[str, str]:
         env: dict[str, str] = {}
-        if self.spec.get("automountServiceAccountToken") and self.service_account is not None:
+        if self.service_account is not None:  # the kubelet sets these whether or not a token is mounted
             env["KUBERNETES_SERVICE_HOST"] = self.service_account.api_host
             env["KUBERNETES_SERVICE_PORT"] = str(self.service_account.api_port)
         for var in container.get("env", []):
