@@ -110,6 +110,12 @@ def test_endpoint_teacher_vllm_server_to_s3(s3, bucket, vllm_teacher, tmp_path):
     check_dataset(manifest, records, "teacher")
     assert (result.examples, result.requested, result.failed, result.digest) == (40, 40, 0, manifest.digest)
     assert stats.calls.retries == 0
+    # The spend is what vLLM's usage said, request by request: here the dataset's own usage.
+    spent = result.spend.spent
+    assert (spent.requests, spent.prompt_tokens, spent.completion_tokens) == (
+        40, manifest.usage.prompt_tokens, manifest.usage.completion_tokens,
+    )  # fmt: skip
+    assert result.spend.projected.counted_with == "estimate" and result.spend.projected.answers == 40
 
     # The stored answer is what the server says for that prompt (greedy, same settings).
     record = next(r for r in records if r.id == "q3")
@@ -142,3 +148,15 @@ def test_offline_vllm_teacher_same_format(s3, bucket, tiny_model_dir, tmp_path):
     check_dataset(manifest, records, model_uri)
     summary = json.loads(termination.read_text())
     assert (summary["examples"], summary["requested"], summary["digest"]) == (40, 40, manifest.digest)
+    # An in-pod teacher's tokens are counted with its own tokenizer: the projection's prompt tokens
+    # (tokenizer and chat template, before the model was loaded) are exactly what vLLM processed.
+    spend = summary["spend"]
+    assert spend["mode"] == "offline" and spend["projected"]["countedWith"] == "tokenizer"
+    assert spend["projected"]["promptTokens"] == spend["spent"]["promptTokens"] == manifest.usage.prompt_tokens
+    assert spend["spent"]["completionTokens"] == manifest.usage.completion_tokens
+    assert spend["projected"]["completionTokens"] == 40 * 16 >= spend["spent"]["completionTokens"]
+    # The estimate stage projects the same, from the tokenizer files alone.
+    from kubedistill.worker import estimate
+
+    fresh = {**doc, "answerStoreUri": f"s3://{bucket}/no-answers-yet"}
+    assert estimate.main(GenerateConfig.model_validate(fresh))["projected"] == spend["projected"]
