@@ -117,7 +117,7 @@ def test_the_spend_in_one_phrase() -> None:
     tokens = TeacherSpend.model_validate(
         {"spent": {"promptTokens": 31_000, "completionTokens": 10_230}, "budget": {"maxTokens": 50_000}}
     )
-    assert spend_summary(tokens) == "41k tokens of 50k"
+    assert spend_summary(tokens) == "41k of 50k tokens"
     projected = TeacherSpend.model_validate({"projected": {"tokens": 1234}})
     assert spend_summary(projected) == "~1,234 tokens projected"
     assert spend_summary(TeacherSpend()) is None

@@ -6,6 +6,7 @@ Layout under a dataset prefix (``<output.uri>/datasets/<datasetKey>/``)::
     shards/train-00000.jsonl       DatasetRecord lines, split "train"
     shards/eval-00000.jsonl        DatasetRecord lines, split "eval"
     failures.jsonl                 optional: FailureRecord lines (rejected lines, failed prompts)
+    teacher-speed.json             optional: the teacher's measured speed (api/savings.SpeedReport)
 
 Records use trl's conversational prompt-completion format (``prompt`` is a list
 of messages ending with the user turn, ``completion`` the assistant turn), so
@@ -25,6 +26,7 @@ from kubedistill.api.base import ApiModel
 MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
 FAILURES_NAME = "failures.jsonl"
+TEACHER_SPEED_NAME = "teacher-speed.json"
 DATASET_FORMAT_VERSION = 1
 
 Split = Literal["train", "eval"]

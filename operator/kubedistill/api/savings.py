@@ -297,45 +297,114 @@ def gpu_cost_per_million_answers(gpu_hour_price: float, gpus: int, answers_per_s
     return gpu_hour_price * max(gpus, 1) / 3600 / answers_per_second * MILLION
 
 
+def compare_speed(
+    student: SpeedReport | None,
+    teacher: SpeedReport | None,
+    concurrency: int,
+    *,
+    teacher_cost_per_answer: float | None = None,
+    gpu_hour_price: float | None = None,
+    currency: str | None = None,
+) -> SpeedComparison:
+    """The student against the teacher, from their measured speeds and the prices given.
+
+    Cost per 1M answers: a GPU-hour-priced model's is ``gpu_hour_price x GPUs / answers per
+    second`` at the loaded level; a token-priced teacher's is its average bill per answer. Without
+    a GPU-hour price, two models that are both GPU-priced (an in-cluster teacher) still have a
+    cost ratio: the price cancels out.
+    """
+    if student is None or teacher is None:
+        missing = "student" if student is None else "teacher"
+        return SpeedComparison(
+            student=student, teacher=teacher, currency=currency, note=f"the {missing} was not measured"
+        )
+    s1, t1 = student.level(1), teacher.level(1)
+    sl, tl = student.level(concurrency), teacher.level(concurrency)
+    student_aps, teacher_aps = _get(sl, "answers_per_second"), _get(tl, "answers_per_second")
+    comparison = SpeedComparison(
+        speedup=_r(ratio(_get(s1, "tokens_per_second_p50"), _get(t1, "tokens_per_second_p50"))),
+        ttft_speedup=_r(ratio(_get(t1, "ttft_p50"), _get(s1, "ttft_p50"))),
+        loaded_speedup=_r(ratio(student_aps, teacher_aps)),
+        currency=currency,
+        student=student,
+        teacher=teacher,
+    )
+    gpu_priced_teacher = teacher_cost_per_answer is None and teacher.engine == "vllm-offline"
+    if gpu_hour_price is not None:
+        comparison.student_cost_per_million_answers = _r(
+            gpu_cost_per_million_answers(gpu_hour_price, student.gpus, student_aps)
+        )
+    if teacher_cost_per_answer is not None:
+        comparison.teacher_cost_per_million_answers = _r(teacher_cost_per_answer * MILLION)
+    elif gpu_priced_teacher and gpu_hour_price is not None:
+        comparison.teacher_cost_per_million_answers = _r(
+            gpu_cost_per_million_answers(gpu_hour_price, teacher.gpus, teacher_aps)
+        )
+    comparison.cost_ratio = _r(
+        ratio(comparison.teacher_cost_per_million_answers, comparison.student_cost_per_million_answers)
+    )
+    if comparison.cost_ratio is None and gpu_priced_teacher:
+        # Same price per GPU-hour on both sides: the ratio of GPU-seconds per answer.
+        comparison.cost_ratio = _r(
+            ratio(
+                ratio(max(teacher.gpus, 1), teacher_aps),
+                ratio(max(student.gpus, 1), student_aps),
+            )
+        )
+    if comparison.cost_ratio is None:
+        comparison.note = "no cost ratio: set evaluation.speed.gpuHourPrice (and teacher.pricing for an API teacher)"
+    return comparison
+
+
+def _get(level: SpeedLevel | None, name: str) -> float | None:
+    value: float | None = None if level is None else getattr(level, name)
+    return value
+
+
+def _r(value: float | None) -> float | None:
+    return None if value is None else round(value, 3 if abs(value) < 100 else 1)
+
+
 def format_money(amount: float, currency: str) -> str:
-    symbol = {"USD": "$", "EUR": "€", "GBP": "£"}.get(currency)
-    digits = 2 if amount >= 1 else (4 if amount >= 0.01 else 6)
+    symbol = {"USD": "$", "EUR": "\u20ac", "GBP": "\u00a3"}.get(currency)
+    digits = 2 if amount >= 0.1 else (4 if amount >= 0.001 else 6)
     text = f"{amount:,.{digits}f}"
     return f"{symbol}{text}" if symbol else f"{text} {currency}"
 
 
 def format_tokens(tokens: int) -> str:
-    if tokens >= 10_000_000:
-        return f"{tokens / 1_000_000:.0f}M tokens"
-    if tokens >= 1_000_000:
-        return f"{tokens / 1_000_000:.1f}M tokens"
-    if tokens >= 10_000:
-        return f"{tokens / 1000:.0f}k tokens"
-    return f"{tokens:,} tokens"
+    return f"{format_count(tokens)} tokens"
+
+
+def format_count(count: int) -> str:
+    if count >= 10_000_000:
+        return f"{count / 1_000_000:.0f}M"
+    if count >= 1_000_000:
+        return f"{count / 1_000_000:.1f}M"
+    if count >= 10_000:
+        return f"{count / 1000:.0f}k"
+    return f"{count:,}"
 
 
 def spend_summary(spend: TeacherSpend) -> str | None:
-    """'$1.84 of $2.00', '41k tokens of 50k', '$0.12': the spend in one phrase."""
+    """'$1.84 of $2.00', '41k of 50k tokens', '$0.12': the spend in one phrase (the Spend column)."""
+    currency = spend.currency
     spent = spend.spent
     if spent is None:
         projected = spend.projected
         if projected is None:
             return None
-        if projected.cost is not None and spend.currency:
-            return f"~{format_money(projected.cost, spend.currency)} projected"
+        if projected.cost is not None and currency:
+            return f"~{format_money(projected.cost, currency)} projected"
         return f"~{format_tokens(projected.tokens)} projected"
+    money = format_money(spent.cost, currency) if spent.cost is not None and currency else None
     budget = spend.budget
-    if spent.cost is not None and spend.currency:
-        text = format_money(spent.cost, spend.currency)
-        if budget is not None and budget.max_cost is not None:
-            return f"{text} of {format_money(budget.max_cost, spend.currency)}"
-        if budget is not None and budget.max_tokens is not None:
-            return f"{text} ({format_tokens(spent.tokens)} of {format_tokens(budget.max_tokens)})"
-        return text
-    text = format_tokens(spent.tokens)
+    if budget is not None and budget.max_cost is not None and money and currency:
+        return f"{money} of {format_money(budget.max_cost, currency)}"
     if budget is not None and budget.max_tokens is not None:
-        return f"{text} of {format_tokens(budget.max_tokens).removesuffix(' tokens')}"
-    return text
+        tokens = f"{format_count(spent.tokens)} of {format_tokens(budget.max_tokens)}"
+        return f"{money}, {tokens}" if money else tokens
+    return money or format_tokens(spent.tokens)
 
 
 TIMES = "\u00d7"  # the multiplication sign: "11\u00d7 faster"

@@ -118,9 +118,6 @@ class EvaluateConfig(ApiModel):
     teacher_pricing: TeacherPricing | None = Field(
         default=None, description="The teacher's price table (teacher.pricing): its cost per answer."
     )
-    teacher_gpus: int | None = Field(
-        default=None, ge=0, description="GPUs of an in-cluster teacher: its cost per answer in GPU-hours."
-    )
 
 
 class FetchConfig(ApiModel):

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from kubedistill.api.dataset import (
+    TEACHER_SPEED_NAME,
     DatasetCounts,
     DatasetManifest,
     DatasetRecord,
@@ -64,7 +65,7 @@ from kubedistill.storage.objectstore import ObjectStore, StorageError, is_s3, jo
 from kubedistill.worker.common import WorkerError
 from kubedistill.worker.teacher.batch import BatchPass
 from kubedistill.worker.teacher.keys import settings_digest, teacher_settings
-from kubedistill.worker.teacher.measure import SPEED_FILE, measure_endpoint, measure_offline, probe_conversations
+from kubedistill.worker.teacher.measure import measure_endpoint, measure_offline, probe_conversations
 from kubedistill.worker.teacher.offline_pass import OfflineTeacher, ask_offline
 from kubedistill.worker.teacher.online import EndpointPass
 from kubedistill.worker.teacher.plan import Failure, Plan, RunStats, make_plan, project_missing
@@ -237,7 +238,7 @@ def measure_teacher(
     else:
         report = measure_endpoint(config, ledger, conversations)
     if report is not None:
-        uri = join(config.output_uri, SPEED_FILE)
+        uri = join(config.output_uri, TEACHER_SPEED_NAME)
         store_for(uri, config).put_bytes(uri, report.model_dump_json(by_alias=True).encode(), "application/json")
         log.info("teacher speed: %s", report.model_dump_json(by_alias=True, exclude_none=True))
     return report

@@ -24,13 +24,12 @@ from kubedistill.worker.teacher.prompts import Prompt, ScanOptions, Source, scan
 from kubedistill.worker.teacher.spend import BudgetExhausted, Ledger
 
 log = logging.getLogger("kubedistill.worker.generate")
-SPEED_FILE = "teacher-speed.json"
 
 
 def probe_conversations(sources: list[Source], options: ScanOptions, count: int) -> list[Conversation]:
     """The first ``count`` eval prompts by answer key: the prompts the evaluate stage measures the student on."""
     held_out = [item for item in scan(sources, options) if isinstance(item, Prompt) and item.split == "eval"]
-    held_out.sort(key=lambda prompt: prompt.keys[0])
+    held_out.sort(key=lambda prompt: min(prompt.keys))
     return [[{"role": role, "content": content} for role, content in p.messages] for p in held_out[:count]]
 
 
