@@ -58,6 +58,7 @@ APP: Final = "kubedistill"
 MANAGED_BY: Final = "kubedistill"
 SERVING_COMPONENT: Final = "serving"
 WORKER_CONTAINER: Final = "worker"
+ESTIMATE_CONTAINER: Final = "estimate"  # the generate pod's init container: the teacher spend, projected
 VLLM_CONTAINER: Final = "vllm"
 FETCH_CONTAINER: Final = "fetch"
 

@@ -3,7 +3,9 @@
 Pure: a RunPlan and the operator settings in, manifests (plain dicts) out.
 
 Every stage pod runs ``kubedistill-worker <stage> --config /etc/kubedistill/<stage>.yaml``
-(through ``torchrun`` when training spans several GPUs or nodes). Secrets reach the pod
+(through ``torchrun`` when training spans several GPUs or nodes). The generate pod first runs
+``kubedistill-worker estimate`` on the same config as an init container: its termination
+message, the projected teacher spend, is in the status while generation runs. Secrets reach the pod
 only as ``secretKeyRef`` environment variables: the teacher API key in the generate pod,
 the S3 credentials in every pod. Pods pass the `restricted` Pod Security Standard.
 """
@@ -98,6 +100,7 @@ def build_generate_config(plan: RunPlan) -> GenerateConfig:
         answer_store_uri=plan.answer_store_uri,
         api_key_env=TEACHER_API_KEY_ENV,
         storage=_storage(plan),
+        speed=spec.evaluation.speed if spec.evaluation.speed.enabled else None,
     )
 
 
@@ -125,6 +128,8 @@ def build_evaluate_config(plan: RunPlan, settings: OperatorSettings) -> Evaluate
         report_uri=plan.report_uri,
         engine="vllm" if gpus > 0 else "transformers",
         storage=_storage(plan),
+        gpus=gpus,
+        teacher_pricing=spec.teacher.pricing,
     )
 
 
@@ -343,6 +348,10 @@ def _pod_failure_policy() -> dict[str, Any]:
                 "action": "FailJob",
                 "onExitCodes": {"containerName": names.WORKER_CONTAINER, "operator": "In", "values": [EXIT_FAILED]},
             },
+            {
+                "action": "FailJob",
+                "onExitCodes": {"containerName": names.ESTIMATE_CONTAINER, "operator": "In", "values": [EXIT_FAILED]},
+            },
         ]
     }
 
@@ -369,6 +378,7 @@ def build_stage_job(plan: RunPlan, stage: Stage, settings: OperatorSettings) -> 
     }
     if placement.nodes > 1:
         container["ports"] = [{"name": "rendezvous", "containerPort": settings.jobs.rendezvous_port}]
+    init_containers = [build_estimate_container(container)] if stage == "generate" else []
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
@@ -378,6 +388,8 @@ def build_stage_job(plan: RunPlan, stage: Stage, settings: OperatorSettings) -> 
         "containers": [container],
         "volumes": volumes,
     }
+    if init_containers:
+        pod_spec["initContainers"] = init_containers
     if settings.service_account_name:
         pod_spec["serviceAccountName"] = settings.service_account_name
     if placement.node_selector:
@@ -417,6 +429,23 @@ def build_stage_job(plan: RunPlan, stage: Stage, settings: OperatorSettings) -> 
             "ownerReferences": [plan.owner_reference()],
         },
         "spec": job_spec,
+    }
+
+
+def build_estimate_container(worker: dict[str, Any]) -> dict[str, Any]:
+    """The generate pod's init container: the teacher spend projected from the same config, asking nothing.
+
+    No teacher API key (it sends nothing) and no GPU (it counts tokens with the tokenizer only).
+    """
+    resources = worker["resources"]
+    return {
+        **worker,
+        "name": names.ESTIMATE_CONTAINER,
+        "command": ["kubedistill-worker", "estimate", "--config", config_path("generate")],
+        "env": [e for e in worker["env"] if e["name"] != TEACHER_API_KEY_ENV],
+        "resources": {
+            kind: {k: v for k, v in values.items() if k in ("cpu", "memory")} for kind, values in resources.items()
+        },
     }
 
 
