@@ -333,10 +333,12 @@ def _volumes(plan: RunPlan, stage: Stage, placement: Placement) -> tuple[list[di
     return volumes, mounts
 
 
-def _pod_failure_policy() -> dict[str, Any]:
+def _pod_failure_policy(stage: Stage) -> dict[str, Any]:
     # Preemption (node drain, spot reclaim, Kueue) must not use up backoffLimit: the worker
     # checkpoints on SIGTERM and a new pod resumes. A worker error (exit 1) is deterministic
-    # (bad input, unreachable model): fail at once instead of paying for retries.
+    # (bad input, unreachable model): fail at once instead of paying for retries. The API
+    # server refuses a rule naming a container the pod does not have: estimate is generate's.
+    containers = [names.WORKER_CONTAINER, names.ESTIMATE_CONTAINER] if stage == "generate" else [names.WORKER_CONTAINER]
     return {
         "rules": [
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
@@ -344,14 +346,10 @@ def _pod_failure_policy() -> dict[str, Any]:
                 "action": "Ignore",
                 "onExitCodes": {"containerName": names.WORKER_CONTAINER, "operator": "In", "values": [EXIT_PREEMPTED]},
             },
-            {
-                "action": "FailJob",
-                "onExitCodes": {"containerName": names.WORKER_CONTAINER, "operator": "In", "values": [EXIT_FAILED]},
-            },
-            {
-                "action": "FailJob",
-                "onExitCodes": {"containerName": names.ESTIMATE_CONTAINER, "operator": "In", "values": [EXIT_FAILED]},
-            },
+            *(
+                {"action": "FailJob", "onExitCodes": {"containerName": name, "operator": "In", "values": [EXIT_FAILED]}}
+                for name in containers
+            ),
         ]
     }
 
@@ -412,7 +410,7 @@ def build_stage_job(plan: RunPlan, stage: Stage, settings: OperatorSettings) -> 
         job_labels[names.LABEL_KUEUE_QUEUE] = spec.resources.queue_name
     job_spec: dict[str, Any] = {
         "backoffLimit": settings.jobs.backoff_limit,
-        "podFailurePolicy": _pod_failure_policy(),
+        "podFailurePolicy": _pod_failure_policy(stage),
         "template": {"metadata": template_meta, "spec": pod_spec},
     }
     if placement.nodes > 1:
