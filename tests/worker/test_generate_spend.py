@@ -308,6 +308,10 @@ def test_an_endpoint_teachers_speed_is_probed_streamed_and_its_requests_are_bill
     assert stub.billing()["requests"] == 40 + 8
     stored = json.loads(job.get("run/dataset/teacher-speed.json"))
     assert stored["levels"][0]["concurrency"] == 1
+    # A re-run of the same dataset pays for nothing: the answers are stored, the speed measured.
+    stub.reset()
+    again, _ = generate.run(job.config)
+    assert stub.requests() == [] and again.teacher_speed == speed and again.spend.spent.requests == 0
 
 
 def test_a_budget_in_batch_mode_submits_only_what_it_holds(s3, stub, env, tmp_path):

@@ -37,7 +37,7 @@ def main(config: GenerateConfig) -> dict[str, Any]:
         answers = load_answers(config, RunStats())
         tokenizer = None
         if config.teacher.vllm is not None:
-            tokenizer = OfflineTeacher(config, work, weights=False).tokenizer()
+            tokenizer = OfflineTeacher(config, work).tokenizer()  # the tokenizer files only, never the weights
         counter, counted_with = prompt_counter(tokenizer)
         plan, _ = plan_run(config, sources, answers, RunStats(), counter, counted_with)
         assert plan.projection is not None

@@ -240,8 +240,15 @@ def generate_with_vllm(
     speed = config.evaluation.speed
     if not speed.enabled:
         return answers, None
+    timed = SamplingParams(
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        max_tokens=sampling.max_tokens,
+        seed=sampling.seed,
+        ignore_eos=True,  # every measured answer has maxTokens tokens, as the teacher's (worker/speed.py)
+    )
     measured = probe_offline(
-        llm, conversations[: speed.prompts], params, speed.concurrency, gpus=config.gpus, lora_request=lora_request
+        llm, conversations[: speed.prompts], timed, speed.concurrency, gpus=config.gpus, lora_request=lora_request
     )
     log.info("student speed: %s", measured.model_dump_json(by_alias=True, exclude_none=True))
     return answers, measured

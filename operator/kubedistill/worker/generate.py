@@ -232,16 +232,33 @@ def measure_teacher(
     conversations = probe_conversations(sources, options, config.speed.prompts)
     if not conversations:
         return None
+    uri = join(config.output_uri, TEACHER_SPEED_NAME)
+    store = store_for(uri, config)
+    measured = previous_speed(store, uri, config.speed.concurrency, len(conversations))
+    if measured is not None:
+        log.info("teacher speed: measured by an earlier run of this dataset, reused (nothing asked)")
+        return measured
     report: SpeedReport | None
     if offline is not None:
         report = measure_offline(config, offline.llm(), conversations)
     else:
         report = measure_endpoint(config, ledger, conversations)
     if report is not None:
-        uri = join(config.output_uri, TEACHER_SPEED_NAME)
-        store_for(uri, config).put_bytes(uri, report.model_dump_json(by_alias=True).encode(), "application/json")
+        store.put_bytes(uri, report.model_dump_json(by_alias=True).encode(), "application/json")
         log.info("teacher speed: %s", report.model_dump_json(by_alias=True, exclude_none=True))
     return report
+
+
+def previous_speed(store: ObjectStore, uri: str, concurrency: int, prompts: int) -> SpeedReport | None:
+    """The teacher's speed as an earlier run measured it on the same prompts and levels (the same dataset)."""
+    try:
+        if not store.exists(uri):
+            return None
+        report = SpeedReport.model_validate_json(store.get_bytes(uri))
+    except (StorageError, ValueError):
+        return None
+    wanted = [(1, prompts), (concurrency, max(prompts, concurrency))]
+    return report if [(lv.concurrency, lv.requests) for lv in report.levels] == wanted else None
 
 
 # --------------------------------------------------------------------------- inputs

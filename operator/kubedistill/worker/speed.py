@@ -11,7 +11,10 @@ Where the timestamps come from:
 
 * ``vllm-offline``: vLLM's own per-request metrics (``RequestOutput.metrics``, an engine built
   with ``disable_log_stats=False``): TTFT from the request's arrival, first and last token times
-  from the engine core. The loaded level submits ``concurrency`` conversations per ``LLM.chat``
+  from the engine core. Every measured request generates exactly ``maxTokens`` tokens
+  (``ignore_eos``): both models are timed on the same amount of output (a distilled student
+  answers at the teacher's length), and a few-token answer would leave the per-token rate to
+  scheduling jitter. The loaded level submits ``concurrency`` conversations per ``LLM.chat``
   call. The prefix cache is reset before each level, so that prompts answered just before
   (evaluation, generation) are not measured warm.
 * ``openai-stream``: an OpenAI-compatible endpoint, streamed (``stream: true`` with
@@ -106,11 +109,16 @@ def probe_offline(
     gpus: int,
     lora_request: Any = None,
 ) -> SpeedReport:
-    """Concurrency 1, then ``concurrency``, with a loaded ``vllm.LLM`` (warmed up first, not measured)."""
+    """``params``: the stage's sampling, with ``ignore_eos=True`` (see the module docstring)."""
+    """Concurrency 1, then ``concurrency``, with a loaded ``vllm.LLM``; ``params`` must ignore eos.
+
+    Each level is warmed up first with one unmeasured batch of its size: the first step of an
+    engine at a new batch size pays one-off costs (compilation for that shape, buffers).
+    """
     levels = []
-    llm.chat([conversations[0]], params, use_tqdm=False, lora_request=lora_request)  # one-off costs
     for level in (1, concurrency):
         prompts = level_prompts(conversations, level) if level > 1 else list(conversations)
+        llm.chat(prompts[:level], params, use_tqdm=False, lora_request=lora_request)  # one-off costs
         _reset_prefix_cache(llm)
         timings: list[Timing] = []
         start = time.perf_counter()

@@ -37,7 +37,7 @@ def measure_offline(config: GenerateConfig, llm: Any, conversations: list[Conver
     from kubedistill.worker.teacher.offline import sampling_params
 
     assert config.speed is not None and config.teacher.vllm is not None
-    params = sampling_params(config.teacher.model_copy(update={"logprobs": None}), 1)
+    params = sampling_params(config.teacher.model_copy(update={"logprobs": None}), 1, ignore_eos=True)
     return probe_offline(llm, conversations, params, config.speed.concurrency, gpus=config.teacher.vllm.gpus)
 
 

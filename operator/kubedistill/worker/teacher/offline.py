@@ -115,7 +115,7 @@ def load_llm(teacher: TeacherSpec, model_path: str) -> Any:
         raise WorkerError(f"vLLM could not load teacher model {spec.model}: {type(err).__name__}: {err}") from err
 
 
-def sampling_params(teacher: TeacherSpec, samples: int) -> Any:
+def sampling_params(teacher: TeacherSpec, samples: int, *, ignore_eos: bool = False) -> Any:
     from vllm import SamplingParams
 
     sampling = teacher.sampling
@@ -126,6 +126,7 @@ def sampling_params(teacher: TeacherSpec, samples: int) -> Any:
         max_tokens=sampling.max_tokens,
         seed=sampling.seed,
         logprobs=teacher.logprobs or None,
+        ignore_eos=ignore_eos,
     )
 
 

@@ -22,29 +22,32 @@ from kubedistill.worker.teacher.store import Answer, AnswerStore
 
 
 class OfflineTeacher:
-    """The in-pod teacher's files and engine."""
+    """The in-pod teacher's files and engine, fetched only when needed.
 
-    def __init__(self, config: GenerateConfig, work: Path, *, weights: bool = True) -> None:
-        from kubedistill.worker.teacher.offline import resolve_model, resolve_tokenizer
+    Counting prompt tokens needs the tokenizer files only; the weights (possibly hundreds of GB)
+    are downloaded when the engine is first needed: a run with every answer stored and its
+    speed measured before never downloads them.
+    """
 
+    def __init__(self, config: GenerateConfig, work: Path) -> None:
         spec = config.teacher.vllm
         assert spec is not None
         self.config = config
-        store: ObjectStore | None = open_store(spec.model, config.storage) if is_s3(spec.model) else None
-        resolve = resolve_model if weights else resolve_tokenizer
-        self.path = resolve(spec.model, store, work)
+        self.work = work
+        self.model = spec.model
+        self.store: ObjectStore | None = open_store(spec.model, config.storage) if is_s3(spec.model) else None
         self._llm: Any = None
 
     def tokenizer(self) -> Any | None:
-        from kubedistill.worker.teacher.offline import load_tokenizer
+        from kubedistill.worker.teacher.offline import load_tokenizer, resolve_tokenizer
 
-        return load_tokenizer(self.path)
+        return load_tokenizer(resolve_tokenizer(self.model, self.store, self.work))
 
     def llm(self) -> Any:
-        from kubedistill.worker.teacher.offline import load_llm
+        from kubedistill.worker.teacher.offline import load_llm, resolve_model
 
         if self._llm is None:
-            self._llm = load_llm(self.config.teacher, self.path)
+            self._llm = load_llm(self.config.teacher, resolve_model(self.model, self.store, self.work))
         return self._llm
 
     def close(self) -> None:
