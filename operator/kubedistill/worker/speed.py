@@ -9,9 +9,12 @@ GPU-hour buys, hence the cost per answer).
 
 Where the timestamps come from:
 
-* ``vllm-offline``: vLLM's own per-request metrics (``RequestOutput.metrics``, an engine built
-  with ``disable_log_stats=False``): TTFT from the request's arrival, first and last token times
-  from the engine core. Every measured request generates exactly ``maxTokens`` tokens
+* ``vllm-offline``: vLLM's per-request metrics (``RequestOutput.metrics``, an engine built with
+  ``disable_log_stats=False``) as the caller sees them: the request's arrival (wall clock) and its
+  first token's latency, both taken by vLLM's frontend, and the last token when ``LLM.chat``
+  returns (every request of a call ends at the same step, see below). The engine core's own
+  token timestamps would leave out the frontend's work per token (detokenizing, output
+  processing), which a small, fast model cannot hide. Every measured request generates exactly ``maxTokens`` tokens
   (``ignore_eos``): both models are timed on the same amount of output (a distilled student
   answers at the teacher's length), and a few-token answer would leave the per-token rate to
   scheduling jitter. The loaded level submits ``concurrency`` conversations per ``LLM.chat``
@@ -90,14 +93,15 @@ def level_prompts(conversations: Sequence[Conversation], concurrency: int) -> li
 # --------------------------------------------------------------------------- vLLM offline (LLM)
 
 
-def offline_timing(output: Any) -> Timing:
+def offline_timing(output: Any, returned_at: float) -> Timing:
+    """One request of an ``LLM.chat`` call that returned at ``returned_at`` (``time.time()``)."""
     metrics = output.metrics
     if metrics is None:
         raise RuntimeError("vLLM returned no request metrics: build the LLM with disable_log_stats=False")
-    completion = output.outputs[0]
-    tokens = len(completion.token_ids)
-    decode = max(0.0, float(metrics.last_token_ts) - float(metrics.first_token_ts)) if tokens > 1 else 0.0
-    return Timing(ttft=float(metrics.first_token_latency), tokens=tokens, decode_seconds=decode)
+    tokens = len(output.outputs[0].token_ids)
+    ttft = float(metrics.first_token_latency)
+    decode = max(0.0, returned_at - float(metrics.arrival_time) - ttft) if tokens > 1 else 0.0
+    return Timing(ttft=ttft, tokens=tokens, decode_seconds=decode)
 
 
 def probe_offline(
@@ -125,7 +129,8 @@ def probe_offline(
         for first in range(0, len(prompts), level):
             chunk = prompts[first : first + level]
             outputs = llm.chat(chunk, params, use_tqdm=False, lora_request=lora_request)
-            timings.extend(offline_timing(output) for output in outputs)
+            returned_at = time.time()
+            timings.extend(offline_timing(output, returned_at) for output in outputs)
         levels.append(summarize(level, timings, time.perf_counter() - start))
     return SpeedReport(engine="vllm-offline", gpus=gpus, levels=levels)
 
