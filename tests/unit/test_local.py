@@ -136,6 +136,11 @@ def test_the_summary_says_what_the_run_cost_and_saves(docs):
     text = "\n".join(runner.describe_projection(estimate, 256))
     assert "100 to ask" in text and "at most $0.21 at teacher.pricing" in text
     assert "budget    may stop at maxCost (BudgetExceeded)" in text
+    [line] = runner.describe_spend_line({"spend": spend(requests=10, cost=0.25, budget={"maxCost": 1.0})})
+    assert line == (
+        "  spend     $0.25 of $1.00, budget Within (projected before the first request: at most 27k tokens, $0.21 "
+        "for 100 answers; 0 reused from the answer store)"
+    )
     stopped = runner.failure_message(budget_exceeded())
     assert stopped.startswith("BudgetExceeded: the teacher budget (maxTokens 5,000) is spent")
     assert runner.failure_message("plain") == "plain"

@@ -36,7 +36,14 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from kubedistill.api.base import describe_validation_error
-from kubedistill.api.savings import SpeedComparison, TeacherSpend, format_money, format_tokens, savings_line
+from kubedistill.api.savings import (
+    SpeedComparison,
+    TeacherSpend,
+    format_money,
+    format_tokens,
+    savings_line,
+    spend_summary,
+)
 from kubedistill.api.v1alpha1 import DistillationJob
 from kubedistill.api.worker_config import (
     TEACHER_API_KEY_ENV,
@@ -314,6 +321,28 @@ def describe_projection(spend: TeacherSpend, max_tokens: int) -> list[str]:
     return lines
 
 
+def describe_spend_line(generate: Mapping[str, Any]) -> list[str]:
+    """What the teacher cost against the budget and the projection made before the first request."""
+    if not generate.get("spend"):
+        return []
+    spend = TeacherSpend.model_validate(generate["spend"])
+    line = f"  spend     {spend_summary(spend) or 'nothing'}"
+    if spend.budget is not None:
+        line += f", budget {spend.budget.state}"
+    projected = spend.projected
+    if projected is not None:
+        line += (
+            f" (projected before the first request: at most {format_tokens(projected.tokens)}"
+            + (
+                f", {format_money(projected.cost, spend.currency)}"
+                if projected.cost is not None and spend.currency
+                else ""
+            )
+            + f" for {projected.answers:,} answers; {projected.reused:,} reused from the answer store)"
+        )
+    return [line]
+
+
 def describe_savings(job: DistillationJob, evaluate: Mapping[str, Any]) -> list[str]:
     """The trade in a few lines: quality kept, speed and cost per answer against the teacher."""
     speed = SpeedComparison.model_validate(evaluate["speed"]) if evaluate.get("speed") else None
@@ -461,7 +490,7 @@ def run_local(manifest: Path, options: LocalOptions, job_name: str | None = None
     options.echo(f"kubedistill local run {job.metadata.name} (run {plan.run_id}, files in {run_dir})")
     for stage in STAGES:
         run_stage(stage, plan, configs[stage], run_dir, options, run)
-    for line in describe_savings(job, run.results["evaluate"]):
+    for line in [*describe_spend_line(run.results["generate"]), *describe_savings(job, run.results["evaluate"])]:
         options.echo(line)
     check_gate(job, run.results["evaluate"], options.echo)
     if job.spec.output.model.serve and options.serve_seconds != 0:
