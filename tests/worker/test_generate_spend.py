@@ -166,6 +166,7 @@ def test_half_the_projection_stops_at_the_budget_then_more_budget_asks_exactly_t
     assert f"{left} answer(s) for {left} prompt(s) are still to ask" in failure.message
     assert "raise spec.teacher.budget.maxTokens to at least" in failure.message
     assert not job.exists("run/dataset/manifest.json")
+    assert TeacherSpend.model_validate_json(job.get("run/dataset/teacher-spend.json")) == failure.spend
 
     stub.reset()
     stub.script({}, fill=True)
@@ -179,6 +180,7 @@ def test_half_the_projection_stops_at_the_budget_then_more_budget_asks_exactly_t
     summary = json.loads(termination(env))
     assert (summary["examples"], summary["requested"], summary["reused"]) == (total, left, total - left)
     assert summary["spend"]["budget"]["state"] == "Within"
+    assert json.loads(job.get("run/dataset/teacher-spend.json")) == summary["spend"]  # for the run report
 
 
 def test_a_cost_budget_holds_with_many_requests_in_flight(s3, stub, env, tmp_path):

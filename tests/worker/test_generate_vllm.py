@@ -198,3 +198,4 @@ def test_offline_vllm_teacher_same_format(s3, bucket, tiny_model_dir, tmp_path):
     assert result["teacherAgreement"] == 1.0  # greedy, same model, same prompts
     report = json.loads(s3.client().get_object(Bucket=bucket, Key="run/report/report.json")["Body"].read())
     assert report["speed"]["speedup"] == speed.speedup
+    assert report["teacherSpend"] == spend  # the run report in the store says what the teacher cost

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kubedistill.api.dataset import TEACHER_SPEED_NAME, DatasetRecord, Message
+from kubedistill.api.dataset import TEACHER_SPEED_NAME, TEACHER_SPEND_NAME, DatasetRecord, Message
 from kubedistill.api.savings import SpeedComparison, SpeedReport, TokenSpend, compare_speed
 from kubedistill.api.worker_config import EvaluateConfig, EvaluateResult
 from kubedistill.storage.datasets import DatasetError, load_records
@@ -64,6 +64,7 @@ def main(config: EvaluateConfig) -> dict[str, Any]:
         "generationSeconds": round(seconds, 3),
         "engine": config.engine,
         "speed": speed.to_wire() if speed is not None else None,
+        "teacherSpend": read_json(store, join(config.dataset_uri, TEACHER_SPEND_NAME)),
         "examples": examples,
     }
     report_uri = join(config.report_uri, "report.json")
@@ -98,6 +99,15 @@ def compare(
         comparison.note = f"the student's speed is measured with vLLM; this evaluation ran on {config.engine}"
     log.info("speed: %s", comparison.model_dump_json(by_alias=True, exclude_none=True, exclude={"student", "teacher"}))
     return comparison
+
+
+def read_json(store: ObjectStore, uri: str) -> Any:
+    """A small JSON document the generate stage left next to the dataset, or None."""
+    try:
+        return json.loads(store.get_bytes(uri)) if store.exists(uri) else None
+    except (StorageError, ValueError) as err:
+        log.warning("%s is unreadable: %s", uri, err)
+        return None
 
 
 def read_teacher_speed(store: ObjectStore, config: EvaluateConfig) -> SpeedReport | None:

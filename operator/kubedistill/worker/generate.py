@@ -41,6 +41,7 @@ flushed, and the worker exits as preempted: a restart resumes.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import shutil
 import tempfile
@@ -50,6 +51,7 @@ from typing import Any
 
 from kubedistill.api.dataset import (
     TEACHER_SPEED_NAME,
+    TEACHER_SPEND_NAME,
     DatasetCounts,
     DatasetManifest,
     DatasetRecord,
@@ -59,7 +61,7 @@ from kubedistill.api.dataset import (
     TokenLogprob,
     Usage,
 )
-from kubedistill.api.savings import SpeedReport, SpendProjection, format_money, format_tokens
+from kubedistill.api.savings import SpeedReport, SpendProjection, TeacherSpend, format_money, format_tokens
 from kubedistill.api.worker_config import GenerateConfig, GenerateResult
 from kubedistill.storage.objectstore import ObjectStore, StorageError, is_s3, join, local_path, open_store
 from kubedistill.worker.common import WorkerError
@@ -153,14 +155,26 @@ def _generate(
         )  # fmt: skip
     if ledger.exhausted:
         remaining = project_missing(sources, options, answers, teacher.sampling.max_tokens, counter)
-        raise budget_exceeded(teacher, ledger, projected, plan.stored, remaining, stats.answered)
+        stopped = budget_exceeded(teacher, ledger, projected, plan.stored, remaining, stats.answered)
+        write_spend(config, TeacherSpend.model_validate(stopped.payload["spend"]))
+        raise stopped
 
     start = time.monotonic()
     result = write_dataset(config, sources, options, answers, plan, failures, stats, work)
     stats.write_seconds = time.monotonic() - start
     result.teacher_speed = measure_teacher(config, sources, options, ledger, offline)
     result.spend = spend_report(teacher, ledger, projected, plan.stored)
+    write_spend(config, result.spend)
     return result
+
+
+def write_spend(config: GenerateConfig, spend: TeacherSpend) -> None:
+    """The run's spend next to its dataset: the evaluation report carries it (the run report in the store)."""
+    uri = join(config.output_uri, TEACHER_SPEND_NAME)
+    try:
+        store_for(uri, config).put_bytes(uri, json.dumps(spend.to_wire()).encode(), "application/json")
+    except StorageError as err:
+        log.warning("the teacher spend could not be written to %s: %s", uri, err)
 
 
 def load_answers(config: GenerateConfig, stats: RunStats) -> AnswerStore:
