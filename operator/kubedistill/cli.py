@@ -7,6 +7,7 @@
     kubedistill operator --namespace ml-team --settings /etc/kubedistill-operator/settings.yaml
     kubedistill operator --leader-elect --metrics-port 8080 --log-format json   # one of 2 replicas (the chart)
     kubedistill local run job.yaml      # run a DistillationJob's stages on this machine, then serve the model
+    kubedistill local run job.yaml --estimate   # what the teacher will cost, asking it nothing
     kubedistill local demo              # a complete distillation on a laptop: tiny teacher, student, vLLM
     kubedistill version
 
@@ -203,6 +204,11 @@ def _local_arguments(parser: argparse.ArgumentParser) -> None:
     run = actions.add_parser("run", help="run a DistillationJob manifest's stages here, then serve the model")
     run.add_argument("manifest", type=Path, help="YAML with a DistillationJob (and the ConfigMaps it references)")
     run.add_argument("--name", help="which DistillationJob, when the file holds several")
+    run.add_argument(
+        "--estimate",
+        action="store_true",
+        help="project what the teacher will cost (tokens, and cost with teacher.pricing) and stop: nothing is sent",
+    )
     demo = actions.add_parser("demo", help="prepare a tiny teacher, student and prompts, then run the demo job")
     demo.add_argument(
         "--objective",
@@ -252,6 +258,7 @@ def _run_local(args: argparse.Namespace) -> int:
         serve_seconds=args.serve_seconds,
         port=args.port,
         evaluate_engine=args.evaluate_engine,
+        estimate=getattr(args, "estimate", False),
     )
     # SIGTERM/SIGHUP unwind like Ctrl-C, so the workers and the vLLM server are stopped on the way out.
     try:

@@ -24,7 +24,8 @@ distilled_models                                gauge      phase
 stages_finished_total                           counter    stage, result (succeeded, failed)
 stage_duration_seconds                          histogram  stage, result
 quality_gate_total                              counter    result (passed, failed)
-teacher_tokens_total                            counter    type (prompt, completion)
+teacher_tokens_total                            counter    type (prompt, cached_prompt, completion)
+teacher_cost_total                              counter    currency (at teacher.pricing, when set)
 leader                                          gauge      (1 on the replica that reconciles)
 ==============================================  =========  =========================================
 
@@ -92,6 +93,10 @@ class OperatorMetrics:
         self.teacher_tokens = Counter(
             "kubedistill_teacher_tokens", "Teacher tokens billed to generate stages.", ["type"], registry=r
         )
+        self.teacher_cost = Counter(
+            "kubedistill_teacher_cost", "Teacher cost billed to generate stages (teacher.pricing).", ["currency"],
+            registry=r,
+        )
         self.leader = Gauge("kubedistill_leader", "1 on the replica that reconciles, 0 on a standby.", registry=r)
         self.runtime_view = _RuntimeCollector()
         r.register(self.runtime_view)
@@ -108,14 +113,27 @@ class OperatorMetrics:
     def observe_error(self, kind: str) -> None:
         self.reconcile_errors.labels(kind).inc()
 
+    def _observe_spend(self, result: GenerateResult) -> None:
+        """The bill as the generate worker metered it (retries included); else the answers' usage."""
+        spend = result.spend
+        spent = spend.spent if spend is not None else None
+        if spent is None:
+            self.teacher_tokens.labels("prompt").inc(result.prompt_tokens)
+            self.teacher_tokens.labels("completion").inc(result.completion_tokens)
+            return
+        self.teacher_tokens.labels("prompt").inc(spent.prompt_tokens)
+        self.teacher_tokens.labels("cached_prompt").inc(spent.cached_prompt_tokens)
+        self.teacher_tokens.labels("completion").inc(spent.completion_tokens)
+        if spent.cost is not None:
+            self.teacher_cost.labels(spend.currency or "USD").inc(spent.cost)
+
     def observe_stage(self, finished: StageFinished) -> None:
         result = "succeeded" if finished.phase == StagePhase.SUCCEEDED else "failed"
         self.stages_finished.labels(finished.stage, result).inc()
         if finished.seconds is not None:
             self.stage_seconds.labels(finished.stage, result).observe(finished.seconds)
         if isinstance(finished.result, GenerateResult):
-            self.teacher_tokens.labels("prompt").inc(finished.result.prompt_tokens)
-            self.teacher_tokens.labels("completion").inc(finished.result.completion_tokens)
+            self._observe_spend(finished.result)
         elif isinstance(finished.result, EvaluateResult) and finished.gate_passed is not None:
             self.quality_gate.labels("passed" if finished.gate_passed else "failed").inc()
 

@@ -14,6 +14,7 @@ import yaml
 
 from kubedistill.api import conditions as c
 from kubedistill.api.conditions import ConditionStatus, JobPhase
+from kubedistill.api.savings import SpeedComparison, TeacherSpend
 from kubedistill.api.v1alpha1 import (
     Condition,
     DistillationJob,
@@ -26,6 +27,7 @@ from kubedistill.api.v1alpha1 import (
 from tests.support.api_cases import INVALID, Invalid, valid_job, valid_model
 from tests.support.cluster import Cluster, wait_for
 from tests.support.crds import REPO_ROOT, install_crds
+from tests.support.djobs import speed_comparison, spend
 
 pytestmark = pytest.mark.cluster
 
@@ -81,7 +83,10 @@ def test_server_applies_the_model_defaults(crds: Cluster, namespace: str) -> Non
         "metrics": ["exactMatch", "tokenF1", "rougeL"],
         "agreementMetric": "tokenF1",
         "minTeacherAgreement": 0.95,
+        "speed": {"enabled": True, "prompts": 16, "concurrency": 8},
     }
+    assert spec["teacher"]["endpoint"]["mode"] == "online"
+    assert spec["teacher"]["endpoint"]["batch"]["maxRequestsPerBatch"] == 50000
     assert spec["resources"] == {"nodes": 1, "maxRestarts": 3}  # the rest stays unset: the operator's defaults apply
     assert spec["teacher"]["endpoint"]["maxConcurrency"] == 32
     # pydantic, given what the server stored, agrees on every value
@@ -114,7 +119,14 @@ def test_status_subresource_takes_the_operator_status(crds: Cluster, namespace: 
             train=StageStatus(job="demo-train", phase="Succeeded", start_time="2026-01-01T00:00:00Z"),
         ),
         evaluation=EvaluationStatus(
-            teacher_agreement=0.971, metrics={"tokenF1": 0.971, "exactMatch": 0.5}, passed=True
+            teacher_agreement=0.971,
+            metrics={"tokenF1": 0.971, "exactMatch": 0.5},
+            passed=True,
+            speed=SpeedComparison.model_validate(speed_comparison(11.2, 14.3)),
+            summary="keeps 97% of the teacher's tokenF1, 11\u00d7 faster, 14\u00d7 cheaper per 1M answers",
+        ),
+        teacher_spend=TeacherSpend.model_validate(
+            {**spend(cost=0.1234, budget={"maxCost": 1.0}), "summary": "$0.12 of $1.00"}
         ),
         distilled_model="demo-student",
     )
@@ -126,8 +138,33 @@ def test_status_subresource_takes_the_operator_status(crds: Cluster, namespace: 
     assert stored["metadata"]["generation"] == 1  # status writes do not bump the generation
     assert DistillationJob.model_validate(stored).status == status
     table = crds.kubectl("get", "dj", "-n", namespace).stdout.split("\n")
-    assert table[0].split() == ["NAME", "PHASE", "PROGRESS", "TEACHER", "STUDENT", "AGREEMENT", "AGE"]
-    assert table[1].split()[:5] == ["demo", "Succeeded", "big", "Qwen/Qwen2.5-0.5B-Instruct", "0.971"]
+    assert table[0].split() == [
+        "NAME",
+        "PHASE",
+        "PROGRESS",
+        "TEACHER",
+        "AGREEMENT",
+        "SPEND",
+        "BUDGET",
+        "SPEEDUP",
+        "COSTRATIO",
+        "AGE",
+    ]
+    assert table[1].split()[:10] == [
+        "demo",
+        "Succeeded",
+        "big",
+        "0.971",
+        "$0.12",
+        "of",
+        "$1.00",
+        "Within",
+        "11.2",
+        "14.3",
+    ]
+    wide = crds.kubectl("get", "dj", "-n", namespace, "-o", "wide").stdout.split("\n")
+    assert wide[0].split()[-5:] == ["STUDENT", "MODEL", "RUN", "OBJECTIVE", "LOSS"]
+    assert "Qwen/Qwen2.5-0.5B-Instruct" in wide[1]
     # the status has a schema: a phase outside the enum is refused too
     bad = _kubectl(
         crds, "patch", "dj", "demo", "-n", namespace, "--subresource=status", "--type=merge",

@@ -52,6 +52,7 @@ CPU_INSTANCE_TYPE = "m7i.4xlarge"
 # Pod annotations read by the kwok stages in hack/cluster/kwok/stages.yaml.
 ANN_EXIT_CODE = "kwok.kubedistill.io/exit-code"
 ANN_MESSAGE = "kwok.kubedistill.io/message"
+ANN_INIT_MESSAGE = "kwok.kubedistill.io/init-message"
 ANN_REASON = "kwok.kubedistill.io/reason"
 ANN_HOLD = "kwok.kubedistill.io/hold"
 ANN_RUN_DURATION = "kwok.kubedistill.io/run-duration"

@@ -215,7 +215,7 @@ def test_worker_configs_validate_and_point_at_keyed_artifacts() -> None:
         assert config_map["immutable"] is True
         docs[stage] = model.model_validate(yaml.safe_load(config_map["data"][f"{stage}.yaml"]))
     base = "s3://kd-test/runs/demo"
-    assert docs["generate"].output_uri == f"{base}/datasets/{plan.keys.generate}"
+    assert docs["generate"].output_uri == f"{base}/datasets/{plan.keys.dataset}"
     assert docs["generate"].answer_store_uri == f"{base}/teacher-answers"
     assert docs["generate"].api_key_env == "KUBEDISTILL_TEACHER_API_KEY"
     assert docs["train"].dataset_uri == docs["generate"].output_uri
@@ -337,3 +337,57 @@ def test_an_fsdp_run_on_two_nodes_gets_its_rendezvous_and_its_strategy() -> None
     )
     config = yaml.safe_load(children["ConfigMap"]["data"]["train.yaml"])
     assert config["student"]["training"]["strategy"] == "fsdp"
+
+
+def test_the_generate_pod_projects_the_spend_first_without_the_key_or_a_gpu() -> None:
+    plan = plan_of(distillation_job("demo", api_key_secret="teacher", storage_secret="s3creds"))
+    job = build_stage_job(plan, "generate", SETTINGS)
+    pod = pod_of(job)
+    [estimate] = pod["initContainers"]
+    [worker] = pod["containers"]
+    assert estimate["name"] == names.ESTIMATE_CONTAINER == "estimate"
+    assert estimate["command"] == ["kubedistill-worker", "estimate", "--config", "/etc/kubedistill/generate.yaml"]
+    assert "KUBEDISTILL_TEACHER_API_KEY" not in env_of(estimate) and "KUBEDISTILL_TEACHER_API_KEY" in env_of(worker)
+    assert env_of(estimate)["AWS_ACCESS_KEY_ID"] == env_of(worker)["AWS_ACCESS_KEY_ID"]
+    # The same volumes but the API token: the worker's progress reports need it, the projection does not.
+    assert estimate["volumeMounts"] == [m for m in worker["volumeMounts"] if m["name"] != "api-token"]
+    assert any(m["name"] == "api-token" for m in worker["volumeMounts"])
+    assert estimate["terminationMessagePath"] == "/dev/termination-log"
+    assert_restricted(pod)
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert {"action": "FailJob", "onExitCodes": {"containerName": "estimate", "operator": "In", "values": [1]}} in rules
+    for stage in ("train", "evaluate"):
+        other = build_stage_job(plan, stage, SETTINGS)
+        assert "initContainers" not in pod_of(other)
+        assert "estimate" not in str(other["spec"]["podFailurePolicy"])  # the API server refuses unknown containers
+
+    manifest = distillation_job("demo")
+    manifest["spec"]["teacher"] = {"vllm": {"model": "s3://kd-test/teacher", "gpus": 4}}
+    pod = pod_of(build_stage_job(plan_of(manifest), "generate", SETTINGS))
+    assert "nvidia.com/gpu" not in str(pod["initContainers"][0]["resources"])  # tokenizer only
+    assert (
+        pod["initContainers"][0]["resources"]["limits"]["memory"]
+        == pod["containers"][0]["resources"]["limits"]["memory"]
+    )
+
+
+def test_the_workers_get_the_prices_and_speed_settings() -> None:
+    manifest = distillation_job("demo", budget={"maxCost": 5}, pricing={"inputPerMillion": 2, "outputPerMillion": 8})
+    manifest["spec"]["evaluation"] = {"speed": {"prompts": 8, "concurrency": 4, "gpuHourPrice": 3.5}}
+    plan = plan_of(manifest)
+    generate = GenerateConfig.model_validate(
+        yaml.safe_load(build_stage_config_map(plan, "generate", SETTINGS)["data"]["generate.yaml"])
+    )
+    evaluate = EvaluateConfig.model_validate(
+        yaml.safe_load(build_stage_config_map(plan, "evaluate", SETTINGS)["data"]["evaluate.yaml"])
+    )
+    assert generate.teacher.budget is not None and generate.teacher.budget.max_cost == 5
+    assert generate.speed is not None and (generate.speed.prompts, generate.speed.concurrency) == (8, 4)
+    assert evaluate.evaluation.speed.gpu_hour_price == 3.5 and evaluate.gpus == 1
+    assert evaluate.teacher_pricing is not None and evaluate.teacher_pricing.output_per_million == 8
+    # The dataset lives under the dataset key: a budget names the Job, not the data.
+    assert generate.output_uri == f"s3://kd-test/runs/demo/datasets/{plan.keys.dataset}"
+    assert plan.keys.dataset != plan.keys.generate
+    manifest["spec"]["evaluation"] = {"speed": {"enabled": False}}
+    off = build_stage_config_map(plan_of(manifest), "generate", SETTINGS)["data"]["generate.yaml"]
+    assert GenerateConfig.model_validate(yaml.safe_load(off)).speed is None

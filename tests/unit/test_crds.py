@@ -122,9 +122,18 @@ def test_distillation_job_crd() -> None:
     assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
     assert version["subresources"] == {"status": {}}
     columns = {c["name"]: c for c in version["additionalPrinterColumns"] if not c.get("priority")}
-    assert list(columns) == ["Phase", "Progress", "Teacher", "Student", "Agreement", "Age"]
+    assert list(columns) == [
+        "Phase", "Progress", "Teacher", "Agreement", "Spend", "Budget", "Speedup", "CostRatio", "Age"
+    ]  # fmt: skip
     assert columns["Agreement"]["jsonPath"] == ".status.evaluation.teacherAgreement"
     assert columns["Agreement"]["type"] == "number"
+    assert columns["Spend"]["jsonPath"] == ".status.teacherSpend.summary"
+    assert columns["Budget"]["jsonPath"] == ".status.teacherSpend.budget.state"
+    assert (columns["Speedup"]["jsonPath"], columns["Speedup"]["type"]) == (
+        ".status.evaluation.speed.speedup",
+        "number",
+    )
+    assert columns["CostRatio"]["jsonPath"] == ".status.evaluation.speed.costRatio"
     spec = _schema(crd)["properties"]["spec"]
     teacher = spec["properties"]["teacher"]
     assert teacher["x-kubernetes-validations"][0]["rule"] == "has(self.endpoint) != has(self.vllm)"

@@ -146,3 +146,38 @@ def test_describe_says_which_objective_trained_and_its_final_losses():
         "train", {"objective": "onPolicy", "globalStep": 3, "losses": {"loss": 0.1}, "teacherTokensScored": 96}
     )
     assert on_policy.endswith(", 96 tokens scored by the teacher")
+
+
+def test_the_summary_says_what_the_run_cost_and_saves(docs):
+    from tests.support.djobs import budget_exceeded, projection, speed_comparison, spend
+
+    job = runner.find_job(docs)
+    generate = {"examples": 10, "train": 9, "eval": 1, "requested": 10, "spend": spend(requests=10, cost=0.25)}
+    assert runner.describe("generate", generate).endswith("spent $0.25, 1,200 tokens on 10 requests")
+    lines = runner.describe_savings(job, {"teacherAgreement": 0.97, "speed": speed_comparison(11.2, 14.3)})
+    assert (
+        lines[0] == "  savings   keeps 97% of the teacher's tokenF1, 11\u00d7 faster, 14\u00d7 cheaper per 1M answers"
+    )
+    assert "student  c=1: TTFT p50 50 ms, 120 tok/s p50, 1.5 answers/s" in lines[1]
+    assert lines[-1] == "            per 1M answers: teacher $1,430.00, student $100.00"
+    estimate = runner.TeacherSpend.model_validate(
+        {"currency": "USD", "projected": projection(100, cost=0.21), "budget": {"maxCost": 0.1}}
+    )
+    text = "\n".join(runner.describe_projection(estimate, 256))
+    assert "100 to ask" in text and "at most $0.21 at teacher.pricing" in text
+    assert "budget    may stop at maxCost (BudgetExceeded)" in text
+    [line] = runner.describe_spend_line({"spend": spend(requests=10, cost=0.25, budget={"maxCost": 1.0})})
+    assert line == (
+        "  spend     $0.25 of $1.00, budget Within (projected before the first request: at most 27k tokens, $0.21 "
+        "for 100 answers; 0 reused from the answer store)"
+    )
+    stopped = runner.failure_message(budget_exceeded())
+    assert stopped.startswith("BudgetExceeded: the teacher budget (maxTokens 5,000) is spent")
+    assert runner.failure_message("plain") == "plain"
+
+
+def test_estimate_is_an_option_of_local_run():
+    from kubedistill.cli import build_parser
+
+    args = build_parser().parse_args(["local", "run", "job.yaml", "--estimate"])
+    assert args.estimate is True

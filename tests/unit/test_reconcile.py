@@ -16,6 +16,7 @@ import pytest
 
 from kubedistill.api import conditions as c
 from kubedistill.api.conditions import JobPhase, Reason, StagePhase
+from kubedistill.api.savings import TeacherSpend
 from kubedistill.api.v1alpha1 import DistillationJob
 from kubedistill.builders.plan import RunPlan
 from kubedistill.reconcile.distillation import (
@@ -25,10 +26,27 @@ from kubedistill.reconcile.distillation import (
     compute_job_decision,
 )
 from kubedistill.reconcile.keys import compute_stage_keys
-from kubedistill.reconcile.observe import Termination, observe_job, parse_result, pick_termination
+from kubedistill.reconcile.observe import (
+    Termination,
+    observe_job,
+    parse_failure,
+    parse_result,
+    pick_estimate,
+    pick_termination,
+)
 from kubedistill.reconcile.status import merge_patch
 from kubedistill.settings import OperatorSettings
-from tests.support.djobs import distillation_job, evaluate_result, generate_result, train_result
+from tests.support.djobs import (
+    PRICES,
+    budget_exceeded,
+    distillation_job,
+    estimate_message,
+    evaluate_result,
+    generate_result,
+    speed_comparison,
+    train_result,
+)
+from tests.support.djobs import spend as spend_doc
 
 SETTINGS = OperatorSettings()
 NOW = "2026-01-01T00:00:00Z"
@@ -40,6 +58,7 @@ class World:
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     messages: dict[str, str | None] = field(default_factory=dict)
     exit_codes: dict[str, int] = field(default_factory=dict)
+    estimates: dict[str, TeacherSpend | None] = field(default_factory=dict)  # init container projections
     model: ModelObservation = field(default_factory=lambda: ModelObservation(exists=False))
     status: dict[str, Any] | None = None
     generation: int = 1
@@ -66,11 +85,11 @@ class World:
         plan = RunPlan(job=dj, keys=compute_stage_keys(dj.spec))
         observed = {name: observe_job(body) for name, body in self.jobs.items()}
         terminations: dict[str, Termination | None] = {}
+        estimates: dict[str, TeacherSpend | None] = {}
         model = None
         for _ in range(4):
-            decision = compute_job_decision(
-                dj, plan, self.settings, JobObservation(jobs=observed, terminations=terminations, model=model), NOW
-            )
+            obs = JobObservation(jobs=observed, terminations=terminations, estimates=estimates, model=model)
+            decision = compute_job_decision(dj, plan, self.settings, obs, NOW)
             if decision.complete:
                 break
             for name in decision.need_terminations:
@@ -78,6 +97,9 @@ class World:
                 message = self.messages.get(name)
                 code = self.exit_codes.get(name, 0)
                 terminations[name] = Termination(pod=f"{name}-x", exit_code=code, reason=None, message=message)
+            for name in decision.need_estimates:
+                self.fetched.append(f"estimate:{name}")
+                estimates[name] = self.estimates.get(name)
             if decision.need_model:
                 model = self.model
         assert decision.complete
@@ -448,6 +470,32 @@ def test_pick_termination() -> None:
     assert failed is not None and failed.message == "second" and failed.exit_code == 1
 
 
+def test_the_estimate_and_a_failed_init_container_are_read_from_the_pods() -> None:
+    def pod(state: dict[str, Any], worker: dict[str, Any] | None = None) -> dict[str, Any]:
+        status: dict[str, Any] = {"phase": "Running", "initContainerStatuses": [{"name": "estimate", "state": state}]}
+        status["containerStatuses"] = [{"name": "worker", "state": worker or {"running": {}}}]
+        return {"metadata": {"name": "p"}, "status": status}
+
+    done = {"terminated": {"exitCode": 0, "message": estimate_message(cost=0.5)}}
+    spend = pick_estimate([pod({"running": {}}), pod(done)])
+    assert spend is not None and spend.projected is not None and spend.projected.cost == 0.5
+    assert pick_estimate([pod({"terminated": {"exitCode": 0, "message": "not json"}})]) is None
+    crashed = pod({"terminated": {"exitCode": 1, "message": "cannot read prompts: NoSuchKey"}}, {"waiting": {}})
+    crashed["status"]["phase"] = "Failed"
+    termination = pick_termination([crashed], succeeded=False)
+    assert termination is not None and (termination.exit_code, termination.message) == (
+        1,
+        "cannot read prompts: NoSuchKey",
+    )
+
+
+def test_parse_failure() -> None:
+    failure = parse_failure(budget_exceeded(100))
+    assert failure is not None and failure.reason == "BudgetExceeded" and failure.spend is not None
+    assert parse_failure("plain reason") is None and parse_failure('{"reason": "Other", "message": "x"}') is None
+    assert parse_failure(None) is None
+
+
 def test_parse_result() -> None:
     assert parse_result("evaluate", evaluate_result(0.5)).teacher_agreement == 0.5  # type: ignore[union-attr]
     assert parse_result("evaluate", "oops") is None
@@ -623,3 +671,90 @@ def test_status_says_which_objective_trained_and_its_final_losses() -> None:
     world.step()
     assert world.status["phase"] == "Succeeded"
     assert world.status["training"]["objective"] == "kd"  # kept once the run moved on
+
+
+# --------------------------------------------------------------------------- spend, budget, savings
+
+
+def test_the_projection_shows_while_generate_runs_then_the_spend_replaces_it() -> None:
+    world = World(distillation_job("demo", pricing=PRICES, budget={"maxCost": 1.0}))
+    world.step()
+    name = world.plan().job_name("generate")
+    world.estimates[name] = TeacherSpend.model_validate_json(estimate_message(cost=0.21))
+    world.run_pods("generate")
+    world.step()
+    assert world.fetched == [f"estimate:{name}"]
+    spend = world.status["teacherSpend"]
+    assert spend["projected"]["cost"] == 0.21 and spend["summary"] == "~$0.21 projected"
+    world.step()
+    assert world.fetched == [f"estimate:{name}"]  # read once
+    world.finish("generate", generate_result(spent=spend_doc(cost=0.1234, budget={"maxCost": 1.0})))
+    world.step()
+    spend = world.status["teacherSpend"]
+    assert spend["spent"]["cost"] == 0.1234 and spend["budget"]["state"] == "Within"
+    assert spend["summary"] == "$0.12 of $1.00"
+    world.finish("train", train_result())
+    world.step()
+    assert world.status["teacherSpend"]["summary"] == "$0.12 of $1.00"  # kept with the generate stage
+
+
+def test_a_running_generate_without_a_projection_reads_its_pods_once() -> None:
+    world = World(distillation_job("demo"))
+    world.step()
+    world.run_pods("generate")
+    world.step()
+    world.step()
+    assert world.fetched == [f"estimate:{world.plan().job_name('generate')}"]
+    assert world.status["teacherSpend"] == {"mode": "online"}
+
+
+def test_budget_exceeded_fails_the_run_saying_what_was_spent_and_what_to_raise() -> None:
+    world = World(distillation_job("demo", budget={"maxTokens": 5000}))
+    world.step()
+    world.finish("generate", budget_exceeded(5000), ok=False)
+    decision = world.step()
+    assert world.status["phase"] == "Failed"
+    failed = world.condition("Failed")
+    assert failed["reason"] == Reason.BUDGET_EXCEEDED == "BudgetExceeded"
+    assert (
+        "4,920 tokens" in failed["message"]
+        and "raise spec.teacher.budget.maxTokens to at least 15,694" in (failed["message"])
+    )
+    assert not failed["message"].startswith("generate failed: {")  # the message, not the JSON
+    assert world.condition("Generated")["reason"] == "BudgetExceeded"
+    assert world.status["stages"]["generate"]["reason"] == "BudgetExceeded"
+    spend = world.status["teacherSpend"]
+    assert spend["budget"] == {"maxTokens": 5000, "state": "Exceeded", "remainingAnswers": 59}
+    assert spend["spent"]["requests"] == 41 and spend["summary"] == "$0.0301, 4,920 of 5,000 tokens"
+    assert [e.reason for e in decision.events if e.type == "Warning"] == ["BudgetExceeded", Reason.RUN_FAILED]
+    fetched = len(world.fetched)
+    world.step()
+    assert len(world.fetched) == fetched and world.status["teacherSpend"] == spend  # recorded, kept
+
+    # Raising the budget starts a new generate Job (it asks only for the rest); nothing else changes.
+    plan = world.plan()
+    world.manifest["spec"]["teacher"]["budget"]["maxTokens"] = 20000
+    world.generation = 2
+    world.step()
+    raised = world.plan()
+    assert raised.job_name("generate") != plan.job_name("generate") and raised.dataset_uri == plan.dataset_uri
+    assert raised.job_name("train") == plan.job_name("train") and raised.run_id == plan.run_id
+    assert world.status["phase"] == "Generating" and world.created[-1] == raised.job_name("generate")
+    assert "teacherSpend" not in world.status  # this Job's spend is yet to come
+
+
+def test_the_evaluation_says_what_the_student_keeps_and_saves() -> None:
+    world = World(distillation_job("demo"))
+    world.step()
+    world.finish("generate", generate_result())
+    world.step()
+    world.finish("train", train_result())
+    world.step()
+    world.finish("evaluate", evaluate_result(0.97, speed=speed_comparison(11.2, 14.3)))
+    decision = world.step()
+    evaluation = world.status["evaluation"]
+    line = "keeps 97% of the teacher's tokenF1, 11\u00d7 faster, 14\u00d7 cheaper per 1M answers"
+    assert evaluation["summary"] == line
+    assert (evaluation["speed"]["speedup"], evaluation["speed"]["costRatio"]) == (11.2, 14.3)
+    assert world.condition("Evaluated")["message"] == line
+    assert any(e.reason == Reason.STAGE_SUCCEEDED and line in e.message for e in decision.events)

@@ -69,6 +69,33 @@ def test_stage_outcomes_are_counted_once_with_their_durations_tokens_and_gate():
     assert samples['kubedistill_quality_gate_total{result="passed"}'] == 1
 
 
+def test_the_teacher_bill_is_counted_as_metered_retries_cached_tokens_and_cost_included():
+    from kubedistill.api.savings import TeacherSpend
+    from tests.support.djobs import spend
+
+    metrics = OperatorMetrics()
+    server = TelemetryServer(metrics, Health(), "127.0.0.1", 0).start()
+    try:
+        bill = TeacherSpend.model_validate(spend(requests=50, cost=0.25))
+        assert bill.spent is not None
+        bill.spent.cached_prompt_tokens = 120
+        # the answers' own usage (1 and 2) is less than the metered bill: retries are billed too
+        generate = GenerateResult.model_validate_json(generate_result(100)).model_copy(
+            update={"prompt_tokens": 1, "completion_tokens": 2, "spend": bill}
+        )
+        for _ in range(2):
+            metrics.observe_reconcile(
+                "DistillationJob", 0.01, [StageFinished("generate", StagePhase.SUCCEEDED, 9.0, generate)]
+            )
+        samples = scrape(server.port)
+    finally:
+        server.stop()
+    assert samples['kubedistill_teacher_tokens_total{type="prompt"}'] == 2 * 500
+    assert samples['kubedistill_teacher_tokens_total{type="cached_prompt"}'] == 2 * 120
+    assert samples['kubedistill_teacher_tokens_total{type="completion"}'] == 2 * 5500
+    assert samples['kubedistill_teacher_cost_total{currency="USD"}'] == 0.5
+
+
 async def test_runs_by_phase_queue_depth_and_requests_come_from_the_runtime():
     cluster = FakeCluster()
     runtime = Runtime(OperatorSettings(), cluster)  # type: ignore[arg-type]
@@ -158,6 +185,7 @@ def test_the_chart_dashboard_queries_only_metrics_the_operator_exports():
     metrics.observe_error("DistillationJob")
     metrics.quality_gate.labels("passed").inc()
     metrics.teacher_tokens.labels("prompt").inc()
+    metrics.teacher_cost.labels("USD").inc()
     exported = {
         sample.name for family in text_string_to_metric_families(metrics.render().decode()) for sample in family.samples
     }

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from kubedistill.api.dataset import DatasetManifest, DatasetRecord
+from kubedistill.api.savings import SpeedComparison, SpeedReport
 from kubedistill.api.worker_config import GenerateConfig, StorageSettings
 from kubedistill.storage.objectstore import S3Store, upload_dir
 from kubedistill.worker import generate
@@ -116,6 +117,12 @@ def test_endpoint_teacher_vllm_server_to_s3(s3, bucket, vllm_teacher, tmp_path):
     assert manifest.teacher_tokenizer is None  # an API teacher's tokenizer is not at hand
     assert (result.examples, result.requested, result.failed, result.digest) == (40, 40, 0, manifest.digest)
     assert stats.calls.retries == 0
+    # The spend is what vLLM's usage said, request by request: here the dataset's own usage.
+    spent = result.spend.spent
+    assert (spent.requests, spent.prompt_tokens, spent.completion_tokens) == (
+        40, manifest.usage.prompt_tokens, manifest.usage.completion_tokens,
+    )  # fmt: skip
+    assert result.spend.projected.counted_with == "estimate" and result.spend.projected.answers == 40
 
     # The stored answer is what the server says for that prompt (greedy, same settings).
     record = next(r for r in records if r.id == "q3")
@@ -133,6 +140,7 @@ def test_offline_vllm_teacher_same_format(s3, bucket, tiny_model_dir, tmp_path):
         s3, bucket, {"vllm": {"model": model_uri, "gpus": 0, "maxModelLen": 512, "dtype": "float32"}}, tmp_path
     )
     doc["offlineBatchSize"] = 16
+    doc["speed"] = {"prompts": 4, "concurrency": 3}  # the teacher's speed, measured as evaluate measures the student
     config_file = tmp_path / "generate.yaml"
     config_file.write_text(yaml.safe_dump(doc))
     termination = tmp_path / "termination-log"
@@ -163,3 +171,52 @@ def test_offline_vllm_teacher_same_format(s3, bucket, tiny_model_dir, tmp_path):
     for record in records:
         text = tokenizer.decode(decode(record.topk).ids, skip_special_tokens=True)  # type: ignore[arg-type]
         assert text == record.completion[0].content
+    # An in-pod teacher's tokens are counted with its own tokenizer: the projection's prompt tokens
+    # (tokenizer and chat template, before the model was loaded) are exactly what vLLM processed.
+    spend = summary["spend"]
+    assert spend["mode"] == "offline" and spend["projected"]["countedWith"] == "tokenizer"
+    assert spend["projected"]["promptTokens"] == spend["spent"]["promptTokens"] == manifest.usage.prompt_tokens
+    assert spend["spent"]["completionTokens"] == manifest.usage.completion_tokens
+    assert spend["projected"]["completionTokens"] == 40 * 16 >= spend["spent"]["completionTokens"]
+    # The estimate stage projects the same, from the tokenizer files alone.
+    from kubedistill.worker import estimate
+
+    fresh = {**doc, "answerStoreUri": f"s3://{bucket}/no-answers-yet"}
+    assert estimate.main(GenerateConfig.model_validate(fresh))["projected"] == spend["projected"]
+
+    # The teacher's speed, from vLLM's per-request metrics, on the eval prompts evaluate measures.
+    teacher_speed = SpeedReport.model_validate(summary["teacherSpeed"])
+    assert teacher_speed.engine == "vllm-offline" and teacher_speed.gpus == 0
+    assert [(level.concurrency, level.requests) for level in teacher_speed.levels] == [(1, 4), (3, 4)]
+    for level in teacher_speed.levels:
+        assert 0 < level.ttft_p50 <= level.ttft_p95 and level.tokens_per_second_p50 > 0 and level.answers_per_second
+    stored = s3.client().get_object(Bucket=bucket, Key="run/dataset/teacher-speed.json")["Body"].read()
+    assert SpeedReport.model_validate_json(stored) == teacher_speed
+
+    # The same model as the student: evaluate measures it the same way, and finds it about as fast.
+    evaluate_doc = {
+        "modelUri": str(tiny_model_dir), "datasetUri": f"s3://{bucket}/run/dataset",
+        "reportUri": f"s3://{bucket}/run/report", "engine": "vllm", "maxModelLen": 512, "gpus": 0,
+        "sampling": {"temperature": 0, "maxTokens": 16},
+        "evaluation": {"speed": {"prompts": 4, "concurrency": 3}, "agreementMetric": "exactMatch"},
+        "storage": doc["storage"], "workDir": str(tmp_path / "evaluate"),
+    }  # fmt: skip
+    evaluate_file = tmp_path / "evaluate.yaml"
+    evaluate_file.write_text(yaml.safe_dump(evaluate_doc))
+    done = subprocess.run(
+        [sys.executable, "-m", "kubedistill.worker", "evaluate", "--config", str(evaluate_file)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(termination.read_text())
+    speed = SpeedComparison.model_validate(result["speed"])
+    assert speed.teacher == teacher_speed and speed.student is not None and speed.student.engine == "vllm-offline"
+    assert [(level.concurrency, level.requests) for level in speed.student.levels] == [(1, 4), (3, 4)]
+    # How close to 1 the ratios of one model against itself come is the bench's business (bench/cost_speed.py):
+    # timings on a shared machine are not a test's. Here: every ratio is there, and they are consistent.
+    assert speed.speedup > 0 and speed.ttft_speedup > 0 and speed.loaded_speedup > 0
+    assert speed.cost_ratio == pytest.approx(speed.loaded_speedup, rel=0.01)  # same GPUs: GPU-seconds per answer
+    assert result["teacherAgreement"] == 1.0  # greedy, same model, same prompts
+    report = json.loads(s3.client().get_object(Bucket=bucket, Key="run/report/report.json")["Body"].read())
+    assert report["speed"]["speedup"] == speed.speedup
+    assert report["teacherSpend"] == spend  # the run report in the store says what the teacher cost

@@ -22,7 +22,7 @@ DistillationJob conditions
     ========== ============================================ ==========================
 
     ``Failed=True`` carries the reason that says what to fix: InvalidSpec,
-    StageFailed, StageResultMissing, QualityGateFailed, ModelConflict. Editing the spec starts a new
+    StageFailed, StageResultMissing, BudgetExceeded, QualityGateFailed, ModelConflict. Editing the spec starts a new
     run (reason SpecChanged on the stage conditions that reset).
 
 DistilledModel conditions
@@ -137,6 +137,7 @@ class Reason:
     STAGE_SUCCEEDED: Final = "StageSucceeded"
     STAGE_FAILED: Final = "StageFailed"  # the Job failed; the message holds the worker's termination message
     STAGE_RESULT_MISSING: Final = "StageResultMissing"  # the Job succeeded without the result its worker must report
+    BUDGET_EXCEEDED: Final = "BudgetExceeded"  # generate stopped at spec.teacher.budget; the message says what to raise
     ARTIFACT_REUSED: Final = "ArtifactReused"  # the stage's output exists from an earlier run with the same inputs
     PREEMPTED: Final = "Preempted"  # pods were evicted or preempted; the stage resumes from its checkpoint
     GROUP_RESTARTED: Final = "GroupRestarted"  # a rank of a multi-node stage failed: the whole group starts again

@@ -121,11 +121,19 @@ DISTILLATION_JOB = CrdDescription(
         PrinterColumn("Phase", "string", ".status.phase", "Where the run stands."),
         PrinterColumn("Progress", "string", ".status.progress", "The running stage: how far, how long to go."),
         PrinterColumn("Teacher", "string", ".status.teacher", "The teacher model."),
-        PrinterColumn("Student", "string", ".spec.student.model", "The student base model."),
         PrinterColumn(
             "Agreement", "number", ".status.evaluation.teacherAgreement", "Teacher agreement of the trained student."
         ),
+        PrinterColumn("Spend", "string", ".status.teacherSpend.summary", "What the teacher cost this run."),
+        PrinterColumn("Budget", "string", ".status.teacherSpend.budget.state", "Within or Exceeded the budget."),
+        PrinterColumn(
+            "Speedup", "number", ".status.evaluation.speed.speedup", "Student / teacher output tokens per second."
+        ),
+        PrinterColumn(
+            "CostRatio", "number", ".status.evaluation.speed.costRatio", "Teacher / student cost per 1M answers."
+        ),
         _AGE,
+        PrinterColumn("Student", "string", ".spec.student.model", "The student base model.", priority=1),
         PrinterColumn("Model", "string", ".spec.output.model.name", "The DistilledModel published.", priority=1),
         PrinterColumn("Run", "string", ".status.runId", "The current run.", priority=1),
         PrinterColumn("Objective", "string", ".spec.student.objective", "sft, kd or onPolicy.", priority=1),

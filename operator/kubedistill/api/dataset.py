@@ -7,6 +7,8 @@ Layout under a dataset prefix (``<output.uri>/datasets/<datasetKey>/``)::
     shards/eval-00000.jsonl        DatasetRecord lines, split "eval"
     failures.jsonl                 optional: FailureRecord lines (rejected lines, failed prompts)
     teacher-tokenizer/             optional: the teacher's tokenizer, when records carry top-k token ids
+    teacher-speed.json             optional: the teacher's measured speed (api/savings.SpeedReport)
+    teacher-spend.json             what the last generate run projected and spent (api/savings.TeacherSpend)
 
 Records use trl's conversational prompt-completion format (``prompt`` is a list
 of messages ending with the user turn, ``completion`` the assistant turn), so
@@ -27,6 +29,8 @@ MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
 FAILURES_NAME = "failures.jsonl"
 TEACHER_TOKENIZER_DIR = "teacher-tokenizer"
+TEACHER_SPEED_NAME = "teacher-speed.json"
+TEACHER_SPEND_NAME = "teacher-spend.json"
 DATASET_FORMAT_VERSION = 1
 
 Split = Literal["train", "eval"]

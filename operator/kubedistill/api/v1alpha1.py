@@ -21,6 +21,14 @@ from pydantic import Field, model_validator
 
 from kubedistill.api.base import ApiModel
 from kubedistill.api.conditions import ConditionStatus, JobPhase, ModelPhase, StagePhase
+from kubedistill.api.savings import (
+    BatchSettings,
+    SpeedComparison,
+    SpeedSpec,
+    TeacherBudget,
+    TeacherPricing,
+    TeacherSpend,
+)
 
 GROUP = "kubedistill.io"
 VERSION = "v1alpha1"
@@ -182,6 +190,12 @@ class EndpointTeacher(ApiModel):
         "the train stage of student.objective onPolicy asks it to score the student's answers. "
         "OpenAI-style APIs cannot; leave false for them.",
     )
+    mode: Literal["online", "batch"] = Field(
+        default="online",
+        description="online: chat completions requests; batch: the OpenAI Batch API (/v1/files, /v1/batches), "
+        "usually half the price, answers within the completion window. Both fill the same answer store.",
+    )
+    batch: BatchSettings = Field(default_factory=BatchSettings, description="Batch API settings (mode: batch).")
 
 
 _TP_WITHIN_GPUS = "teacher.vllm.tensorParallelSize must not exceed teacher.vllm.gpus (and must be 1 when gpus is 0)"
@@ -218,6 +232,7 @@ class VLLMTeacher(ApiModel):
 _ONE_TEACHER = (
     "set exactly one of spec.teacher.endpoint (an OpenAI-compatible API) or spec.teacher.vllm (an in-cluster model)"
 )
+_COST_NEEDS_PRICES = "teacher.budget.maxCost needs teacher.pricing (the price of a token); or set budget.maxTokens"
 
 
 class TeacherSpec(ApiModel):
@@ -229,7 +244,8 @@ class TeacherSpec(ApiModel):
                 cel(
                     "has(self.endpoint) != has(self.vllm)",
                     _ONE_TEACHER,
-                )
+                ),
+                cel("!has(self.budget) || !has(self.budget.maxCost) || has(self.pricing)", _COST_NEEDS_PRICES),
             ]
         }
     }
@@ -247,12 +263,25 @@ class TeacherSpec(ApiModel):
         description="Capture this many top logprobs per answer token (0 or unset: none), stored compactly with "
         "the answers; student.objective kd trains on them.",
     )
+    pricing: TeacherPricing | None = Field(
+        default=None, description="The teacher's price per million tokens: spend is then also a cost."
+    )
+    budget: TeacherBudget | None = Field(
+        default=None, description="The most one generate run may spend on the teacher (tokens and/or cost)."
+    )
 
     @model_validator(mode="after")
-    def _exactly_one_teacher(self) -> TeacherSpec:
+    def _valid_teacher(self) -> TeacherSpec:
         if (self.endpoint is None) == (self.vllm is None):
             raise ValueError(_ONE_TEACHER)
+        if self.budget is not None and self.budget.max_cost is not None and self.pricing is None:
+            raise ValueError(_COST_NEEDS_PRICES)
         return self
+
+    @property
+    def mode(self) -> Literal["online", "batch", "offline"]:
+        """How the answers are bought: online or batch requests to an endpoint, or offline in the pod."""
+        return self.endpoint.mode if self.endpoint else "offline"
 
     @property
     def model_name(self) -> str:
@@ -547,6 +576,9 @@ class EvaluationSpec(ApiModel):
         default=0.95, ge=0.0, le=1.0, description="Gate: the run fails below this teacher agreement."
     )
     max_examples: int | None = Field(default=None, ge=1, description="Evaluate on at most this many held-out prompts.")
+    speed: SpeedSpec = Field(
+        default_factory=SpeedSpec, description="Student vs teacher speed and cost per answer, measured."
+    )
 
     @model_validator(mode="after")
     def _agreement_metric_is_computed(self) -> EvaluationSpec:
@@ -1073,6 +1105,12 @@ class EvaluationStatus(ApiModel):
     passed: bool | None = Field(default=None, description="Whether teacherAgreement reached minTeacherAgreement.")
     examples: int | None = Field(default=None, ge=0, description="Held-out prompts evaluated.")
     report_uri: str | None = Field(default=None, description="s3:// URI of the full evaluation report.")
+    speed: SpeedComparison | None = Field(
+        default=None, description="The student's serving speed and cost per answer against the teacher's."
+    )
+    summary: str | None = Field(
+        default=None, description="The trade in one line, e.g. 'keeps 97% of the teacher's rougeL, 11x faster, ...'."
+    )
 
 
 class RunRecord(ApiModel):
@@ -1143,6 +1181,9 @@ class DistillationJobStatus(ApiModel):
     model: ModelArtifact | None = Field(default=None, description="The trained, exported student model.")
     training: TrainingStatus | None = Field(default=None, description="The objective trained and its final losses.")
     evaluation: EvaluationStatus | None = Field(default=None, description="Evaluation results and gate decision.")
+    teacher_spend: TeacherSpend | None = Field(
+        default=None, description="What the generate stage projected and spent on the teacher, and the budget's state."
+    )
     distilled_model: str | None = Field(default=None, description="Name of the DistilledModel published by this job.")
     history: list[RunRecord] | None = Field(
         default=None,

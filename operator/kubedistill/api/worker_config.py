@@ -17,6 +17,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from kubedistill.api.base import ApiModel
+from kubedistill.api.savings import SpeedComparison, SpeedReport, SpeedSpec, TeacherPricing, TeacherSpend
 from kubedistill.api.v1alpha1 import EvaluationSpec, Objective, Sampling, StudentSpec, TeacherSpec
 
 TEACHER_API_KEY_ENV = "KUBEDISTILL_TEACHER_API_KEY"
@@ -149,6 +150,11 @@ class GenerateConfig(ApiModel):
     offline_batch_size: int = Field(
         default=256, ge=1, description="vLLM teacher: prompts per generate call (answers are stored after each)."
     )
+    speed: SpeedSpec | None = Field(
+        default=None,
+        description="Measure the teacher's speed on the held-out prompts as the evaluate stage measures the "
+        "student's (evaluation.speed); unset: not measured.",
+    )
 
 
 class TrainConfig(ApiModel):
@@ -195,6 +201,10 @@ class EvaluateConfig(ApiModel):
     progress: ProgressTarget = Field(default_factory=ProgressTarget, description="Where live progress goes.")
     work_dir: str = Field(default="/tmp/kubedistill")
     storage: StorageSettings = Field(default_factory=StorageSettings)
+    gpus: int = Field(default=1, ge=0, description="GPUs of the evaluate pod: the student's serving hardware.")
+    teacher_pricing: TeacherPricing | None = Field(
+        default=None, description="The teacher's price table (teacher.pricing): its cost per answer."
+    )
 
 
 class FetchConfig(ApiModel):
@@ -243,6 +253,10 @@ class GenerateResult(ApiModel):
     reused: int = Field(default=0, description="Answers taken from the answer store instead of asking the teacher.")
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    spend: TeacherSpend | None = Field(default=None, description="What this run projected and spent on the teacher.")
+    teacher_speed: SpeedReport | None = Field(
+        default=None, description="The teacher's measured speed on the held-out prompts (when evaluation.speed)."
+    )
 
 
 class TrainResult(ApiModel):
@@ -289,3 +303,20 @@ class EvaluateResult(ApiModel):
     metrics: dict[str, float]
     examples: int
     report_uri: str
+    speed: SpeedComparison | None = Field(default=None, description="Student vs teacher speed and cost per answer.")
+
+
+# A stage that stops for a reason the operator must act on writes this instead of a plain line.
+BUDGET_EXCEEDED: Literal["BudgetExceeded"] = "BudgetExceeded"
+
+
+class StageFailure(ApiModel):
+    """A failed stage's termination message when a line of text is not enough.
+
+    ``reason`` becomes the condition reason (CamelCase), ``message`` the condition message; what
+    the stage spent goes into the status even though it failed.
+    """
+
+    reason: Literal["BudgetExceeded"]
+    message: str
+    spend: TeacherSpend | None = None

@@ -73,6 +73,7 @@ MANAGED_BY: Final = "kubedistill"
 SERVING_COMPONENT: Final = "serving"
 PROGRESS_COMPONENT: Final = "progress"
 WORKER_CONTAINER: Final = "worker"
+ESTIMATE_CONTAINER: Final = "estimate"  # the generate pod's init container: the teacher spend, projected
 VLLM_CONTAINER: Final = "vllm"
 FETCH_CONTAINER: Final = "fetch"
 ADAPTER_SYNC_CONTAINER: Final = "adapter-sync"

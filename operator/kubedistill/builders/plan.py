@@ -6,7 +6,7 @@ DistillationJob and its keys into the facts every builder needs. Artifacts live 
 share them::
 
     <output.uri>/teacher-answers/            generate's answer store, shared by every run
-    <output.uri>/datasets/<generateKey>/     the teacher dataset (manifest.json last)
+    <output.uri>/datasets/<datasetKey>/      the teacher dataset (manifest.json last)
     <output.uri>/models/<trainKey>/          the exported student
     <output.uri>/checkpoints/<trainKey>/     training checkpoints (resume after preemption)
     <output.uri>/reports/<evaluateKey>/      the evaluation report
@@ -37,7 +37,8 @@ def join_uri(base: str, *parts: str) -> str:
 class StageKeys:
     """Content hashes: a stage's key changes exactly when its inputs (or an upstream key) change."""
 
-    generate: str
+    dataset: str  # what the teacher is asked: the dataset's location, and what train reads
+    generate: str  # the dataset key plus how the teacher is paid (budget, prices, mode): the generate Job
     train: str
     evaluate: str
     run: str  # the whole run, publication included: a new value is a new run
@@ -92,7 +93,7 @@ class RunPlan:
 
     @property
     def dataset_uri(self) -> str:
-        return join_uri(self.job.spec.output.uri, "datasets", self.keys.generate)
+        return join_uri(self.job.spec.output.uri, "datasets", self.keys.dataset)
 
     @property
     def model_uri(self) -> str:

@@ -3,7 +3,9 @@
 Pure: a RunPlan and the operator settings in, manifests (plain dicts) out.
 
 Every stage pod runs ``kubedistill-worker <stage> --config /etc/kubedistill/<stage>.yaml``
-(through ``torchrun`` when training spans several GPUs or nodes). Secrets reach the pod
+(through ``torchrun`` when training spans several GPUs or nodes). The generate pod first runs
+``kubedistill-worker estimate`` on the same config as an init container: its termination
+message, the projected teacher spend, is in the status while generation runs. Secrets reach the pod
 only as ``secretKeyRef`` environment variables: the teacher API key in the generate pod
 (and the train pod of objective onPolicy, which asks the teacher to score), the S3 credentials
 in every pod. Pods pass the `restricted` Pod Security Standard.
@@ -106,6 +108,7 @@ def build_generate_config(plan: RunPlan) -> GenerateConfig:
         answer_store_uri=plan.answer_store_uri,
         api_key_env=TEACHER_API_KEY_ENV,
         storage=_storage(plan),
+        speed=spec.evaluation.speed if spec.evaluation.speed.enabled else None,
     )
 
 
@@ -137,6 +140,8 @@ def build_evaluate_config(plan: RunPlan, settings: OperatorSettings) -> Evaluate
         report_uri=plan.report_uri,
         engine="vllm" if gpus > 0 else "transformers",
         storage=_storage(plan),
+        gpus=gpus,
+        teacher_pricing=spec.teacher.pricing,
     )
 
 
@@ -363,7 +368,7 @@ def _volumes(plan: RunPlan, stage: Stage, placement: Placement) -> tuple[list[di
     return volumes, mounts
 
 
-def _pod_failure_policy(nodes: int) -> dict[str, Any]:
+def _pod_failure_policy(stage: Stage, nodes: int) -> dict[str, Any]:
     if nodes > 1:
         # A group: one rank lost leaves the others blocked in a collective, so any failure
         # (preemption included) ends the whole Job at once, and the operator starts the group
@@ -379,7 +384,9 @@ def _pod_failure_policy(nodes: int) -> dict[str, Any]:
         }
     # Preemption (node drain, spot reclaim, Kueue) must not use up backoffLimit: the worker
     # checkpoints on SIGTERM and a new pod resumes. A worker error (exit 1) is deterministic
-    # (bad input, unreachable model): fail at once instead of paying for retries.
+    # (bad input, unreachable model): fail at once instead of paying for retries. The API
+    # server refuses a rule naming a container the pod does not have: estimate is generate's.
+    containers = [names.WORKER_CONTAINER, names.ESTIMATE_CONTAINER] if stage == "generate" else [names.WORKER_CONTAINER]
     return {
         "rules": [
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
@@ -387,10 +394,10 @@ def _pod_failure_policy(nodes: int) -> dict[str, Any]:
                 "action": "Ignore",
                 "onExitCodes": {"containerName": names.WORKER_CONTAINER, "operator": "In", "values": [EXIT_PREEMPTED]},
             },
-            {
-                "action": "FailJob",
-                "onExitCodes": {"containerName": names.WORKER_CONTAINER, "operator": "In", "values": [EXIT_FAILED]},
-            },
+            *(
+                {"action": "FailJob", "onExitCodes": {"containerName": name, "operator": "In", "values": [EXIT_FAILED]}}
+                for name in containers
+            ),
         ]
     }
 
@@ -417,6 +424,7 @@ def build_stage_job(plan: RunPlan, stage: Stage, settings: OperatorSettings) -> 
     }
     if placement.nodes > 1:
         container["ports"] = [{"name": "rendezvous", "containerPort": settings.jobs.rendezvous_port}]
+    init_containers = [build_estimate_container(container)] if stage == "generate" else []
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
@@ -426,6 +434,8 @@ def build_stage_job(plan: RunPlan, stage: Stage, settings: OperatorSettings) -> 
         "containers": [container],
         "volumes": volumes,
     }
+    if init_containers:
+        pod_spec["initContainers"] = init_containers
     # Its token reaches the worker container alone, for one right: updating the progress ConfigMap.
     pod_spec["serviceAccountName"] = worker_service_account(plan, settings)
     if placement.node_selector:
@@ -448,7 +458,7 @@ def build_stage_job(plan: RunPlan, stage: Stage, settings: OperatorSettings) -> 
         job_labels[names.LABEL_KUEUE_QUEUE] = spec.resources.queue_name
     job_spec: dict[str, Any] = {
         "backoffLimit": 0 if placement.nodes > 1 else settings.jobs.backoff_limit,
-        "podFailurePolicy": _pod_failure_policy(placement.nodes),
+        "podFailurePolicy": _pod_failure_policy(stage, placement.nodes),
         "template": {"metadata": template_meta, "spec": pod_spec},
     }
     if placement.nodes > 1:
@@ -465,6 +475,25 @@ def build_stage_job(plan: RunPlan, stage: Stage, settings: OperatorSettings) -> 
             "ownerReferences": [plan.owner_reference()],
         },
         "spec": job_spec,
+    }
+
+
+def build_estimate_container(worker: dict[str, Any]) -> dict[str, Any]:
+    """The generate pod's init container: the teacher spend projected from the same config, asking nothing.
+
+    No teacher API key (it sends nothing) and no GPU (it counts tokens with the tokenizer only).
+    """
+    resources = worker["resources"]
+    return {
+        **worker,
+        "name": names.ESTIMATE_CONTAINER,
+        "command": ["kubedistill-worker", "estimate", "--config", config_path("generate")],
+        "env": [e for e in worker["env"] if e["name"] != TEACHER_API_KEY_ENV],
+        # Nor the API token: it reports nothing while it runs; its termination message is the report.
+        "volumeMounts": [m for m in worker["volumeMounts"] if m["name"] != WORKER_TOKEN_VOLUME],
+        "resources": {
+            kind: {k: v for k, v in values.items() if k in ("cpu", "memory")} for kind, values in resources.items()
+        },
     }
 
 

@@ -4,6 +4,7 @@
     kubedistill local run job.yaml --storage-root ./data    # ...or a directory of your choice
     kubedistill local run job.yaml --s3                     # the real store in spec.storage (AWS_* env)
     kubedistill local run job.yaml --serve-seconds 0        # stop after the gate, serve nothing
+    kubedistill local run job.yaml --estimate               # what the teacher will cost; nothing is sent
 
 The same manifest that ``kubectl apply`` takes, the same worker configs the
 operator renders (builders/stages.py), the same worker processes the pods run,
@@ -35,6 +36,14 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from kubedistill.api.base import describe_validation_error
+from kubedistill.api.savings import (
+    SpeedComparison,
+    TeacherSpend,
+    format_money,
+    format_tokens,
+    savings_line,
+    spend_summary,
+)
 from kubedistill.api.v1alpha1 import DistillationJob
 from kubedistill.api.worker_config import (
     TEACHER_API_KEY_ENV,
@@ -92,6 +101,7 @@ class LocalOptions:
     python: str = sys.executable
     echo: Callable[[str], None] = field(default=print)
     progress_seconds: float = 5.0  # how often a running stage reports (its live line)
+    estimate: bool = False  # project the teacher spend and stop: nothing is sent
 
 
 @dataclass
@@ -219,7 +229,7 @@ def run_worker(stage: str, config: Mapping[str, Any], run_dir: Path, options: Lo
             terminate(proc, WORKER_GRACE_SECONDS)
     message = termination_log.read_text() if termination_log.exists() else ""
     if code != 0:
-        raise StageFailed(stage, code, message or serve.log_tail(log_path, 5), log_path)
+        raise StageFailed(stage, code, failure_message(message) or serve.log_tail(log_path, 5), log_path)
     try:
         result: dict[str, Any] = json.loads(message)
     except ValueError as err:
@@ -277,11 +287,25 @@ def artifact_exists(stage: str, result: Mapping[str, Any], storage: StorageSetti
     return open_store(uri, storage).exists(uri)
 
 
+def failure_message(message: str) -> str:
+    """A structured failure (BudgetExceeded, api/worker_config.StageFailure) as its human message."""
+    from kubedistill.api.worker_config import StageFailure
+
+    if message.startswith("{"):
+        try:
+            return StageFailure.model_validate_json(message).message
+        except ValidationError:
+            pass
+    return message
+
+
 def describe(stage: str, result: Mapping[str, Any]) -> str:
     if stage == "generate":
+        spend = TeacherSpend.model_validate(result["spend"]) if result.get("spend") else None
+        spent = f", spent {describe_spent(spend)}" if spend is not None and spend.spent is not None else ""
         return (
             f"{result['examples']} examples ({result['train']} train, {result['eval']} eval), "
-            f"{result.get('requested', 0)} teacher requests, {result.get('failed', 0)} failed"
+            f"{result.get('requested', 0)} teacher requests, {result.get('failed', 0)} failed{spent}"
         )
     if stage == "train":
         objective = result.get("objective", "sft")
@@ -292,6 +316,85 @@ def describe(stage: str, result: Mapping[str, Any]) -> str:
         extra = f", {scored} tokens scored by the teacher" if scored else ""
         return f"objective {objective}, step {result['globalStep']}, final {final or 'loss n/a'}{extra}"
     return f"teacher agreement {result['teacherAgreement']:.3f} over {result['examples']} examples"
+
+
+def describe_spent(spend: TeacherSpend) -> str:
+    spent = spend.spent
+    assert spent is not None
+    money = f"{format_money(spent.cost, spend.currency)}, " if spent.cost is not None and spend.currency else ""
+    return f"{money}{format_tokens(spent.tokens)} on {spent.requests:,} requests"
+
+
+def describe_projection(spend: TeacherSpend, max_tokens: int) -> list[str]:
+    """The estimate's lines: what is left to ask and what it may cost, against the budget."""
+    projected = spend.projected
+    assert projected is not None
+    lines = [
+        f"  answers   {projected.answers:,} to ask ({projected.reused:,} already in the answer store, free)",
+        f"  tokens    at most {projected.tokens:,} ({projected.prompt_tokens:,} prompt tokens counted with the "
+        f"{projected.counted_with} + {projected.answers:,} answers x maxTokens {max_tokens})",
+    ]
+    if projected.cost is not None and spend.currency:
+        lines.append(f"  cost      at most {format_money(projected.cost, spend.currency)} at teacher.pricing")
+    if spend.budget is not None:
+        limits = {"maxTokens": (spend.budget.max_tokens, projected.tokens), "maxCost": (spend.budget.max_cost,
+                  projected.cost)}  # fmt: skip
+        over = [
+            name for name, (limit, need) in limits.items() if limit is not None and need is not None and need > limit
+        ]
+        verdict = f"may stop at {' and '.join(over)} (BudgetExceeded)" if over else "the projection fits"
+        lines.append(f"  budget    {verdict}")
+    return lines
+
+
+def describe_spend_line(generate: Mapping[str, Any]) -> list[str]:
+    """What the teacher cost against the budget and the projection made before the first request."""
+    if not generate.get("spend"):
+        return []
+    spend = TeacherSpend.model_validate(generate["spend"])
+    line = f"  spend     {spend_summary(spend) or 'nothing'}"
+    if spend.budget is not None:
+        line += f", budget {spend.budget.state}"
+    projected = spend.projected
+    if projected is not None:
+        line += (
+            f" (projected before the first request: at most {format_tokens(projected.tokens)}"
+            + (
+                f", {format_money(projected.cost, spend.currency)}"
+                if projected.cost is not None and spend.currency
+                else ""
+            )
+            + f" for {projected.answers:,} answers; {projected.reused:,} reused from the answer store)"
+        )
+    return [line]
+
+
+def describe_savings(job: DistillationJob, evaluate: Mapping[str, Any]) -> list[str]:
+    """The trade in a few lines: quality kept, speed and cost per answer against the teacher."""
+    speed = SpeedComparison.model_validate(evaluate["speed"]) if evaluate.get("speed") else None
+    metric = job.spec.evaluation.agreement_metric
+    lines = [f"  savings   {savings_line(float(evaluate['teacherAgreement']), metric, speed)}"]
+    if speed is None:
+        return lines
+    for who, report in (("student", speed.student), ("teacher", speed.teacher)):
+        if report is None:
+            continue
+        parts = []
+        for level in report.levels:
+            ttft = f"{level.ttft_p50 * 1000:.0f} ms" if level.ttft_p50 is not None else "-"
+            tps = f"{level.tokens_per_second_p50:.0f} tok/s" if level.tokens_per_second_p50 is not None else "-"
+            aps = f"{level.answers_per_second:.1f} answers/s" if level.answers_per_second is not None else "-"
+            parts.append(f"c={level.concurrency}: TTFT p50 {ttft}, {tps} p50, {aps}")
+        lines.append(f"            {who}  " + "; ".join(parts) + f"  [{report.engine}]")
+    if speed.teacher_cost_per_million_answers is not None and speed.student_cost_per_million_answers is not None:
+        currency = speed.currency or "USD"
+        lines.append(
+            f"            per 1M answers: teacher {format_money(speed.teacher_cost_per_million_answers, currency)}, "
+            f"student {format_money(speed.student_cost_per_million_answers, currency)}"
+        )
+    if speed.note:
+        lines.append(f"            ({speed.note})")
+    return lines
 
 
 def check_gate(job: DistillationJob, result: Mapping[str, Any], echo: Callable[[str], None]) -> None:
@@ -402,10 +505,19 @@ def run_local(manifest: Path, options: LocalOptions, job_name: str | None = None
     run_dir.mkdir(parents=True, exist_ok=True)
     configs = stage_configs(plan, docs, options, run_dir)
     warn_missing_key(job, options)
-    options.echo(f"kubedistill local run {job.metadata.name} (run {plan.run_id}, files in {run_dir})")
     run = LocalRun(job=job)
+    if options.estimate:
+        options.echo(f"kubedistill local run {job.metadata.name} --estimate: nothing is sent to the teacher")
+        projected = TeacherSpend.model_validate(run_worker("estimate", configs["generate"], run_dir, options))
+        for line in describe_projection(projected, job.spec.teacher.sampling.max_tokens):
+            options.echo(line)
+        run.results["estimate"] = projected.to_wire()
+        return run
+    options.echo(f"kubedistill local run {job.metadata.name} (run {plan.run_id}, files in {run_dir})")
     for stage in STAGES:
         run_stage(stage, plan, configs[stage], run_dir, options, run)
+    for line in [*describe_spend_line(run.results["generate"]), *describe_savings(job, run.results["evaluate"])]:
+        options.echo(line)
     check_gate(job, run.results["evaluate"], options.echo)
     if job.spec.output.model.serve and options.serve_seconds != 0:
         storage = StorageSettings.model_validate(configs["train"]["storage"])

@@ -8,9 +8,10 @@ calling this twice, or after an operator restart, or after a spec edit, always l
 the same answer, and a stage whose key did not change is never started again.
 
 A decision may ask for more observation first (``need_terminations``: the pods of a
-finished Job, read once to get the worker's termination message; ``need_model``: whether
-the DistilledModel to publish exists and who published it). The orchestrator fetches
-those and decides again.
+finished Job, read once to get the worker's termination message; ``need_estimates``: the
+pods of a running generate Job, for the teacher spend its init container projected;
+``need_model``: whether the DistilledModel to publish exists and who published it). The
+orchestrator fetches those and decides again.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pydantic import BaseModel
 
 from kubedistill.api import conditions as c
 from kubedistill.api.conditions import JobPhase, Reason, StagePhase, parse_rfc3339
+from kubedistill.api.savings import TeacherSpend, savings_line, spend_summary
 from kubedistill.api.v1alpha1 import (
     DIGEST_PATTERN,
     Condition,
@@ -51,7 +53,7 @@ from kubedistill.builders.progress import build_progress_children
 from kubedistill.builders.publish import build_distilled_model
 from kubedistill.builders.settings import OperatorSettings
 from kubedistill.builders.stages import build_stage_children
-from kubedistill.reconcile.observe import RESULT_MODELS, ObservedJob, Termination, parse_result
+from kubedistill.reconcile.observe import RESULT_MODELS, ObservedJob, Termination, parse_failure, parse_result
 from kubedistill.reconcile.status import NORMAL, WARNING, EventSpec, apply_conditions, clip, condition
 
 _DIGEST = re.compile(DIGEST_PATTERN)
@@ -76,6 +78,7 @@ class JobObservation:
 
     jobs: Mapping[str, ObservedJob]  # its stage Jobs (owned by it), by name
     terminations: Mapping[str, Termination | None] = field(default_factory=dict)  # fetched, by Job name
+    estimates: Mapping[str, TeacherSpend | None] = field(default_factory=dict)  # projections, by generate Job name
     model: ModelObservation | None = None  # None: not looked up
     progress: Mapping[str, StageProgress] = field(default_factory=dict)  # the latest report of each stage
     progress_ready: bool = True  # False: the progress ConfigMap (and its writers' RBAC) is missing
@@ -102,13 +105,14 @@ class JobDecision:
     publish: dict[str, Any] | None = None
     events: list[EventSpec] = field(default_factory=list)
     need_terminations: list[str] = field(default_factory=list)
+    need_estimates: list[str] = field(default_factory=list)
     need_model: bool = False
     finished: list[StageFinished] = field(default_factory=list)
     prune: list[str] = field(default_factory=list)  # finished Jobs beyond the history: delete with their children
 
     @property
     def complete(self) -> bool:
-        return not self.need_terminations and not self.need_model
+        return not self.need_terminations and not self.need_estimates and not self.need_model
 
 
 @dataclass
@@ -125,6 +129,7 @@ class _Walk:
     blocked_at: Stage | None = None  # the first stage that is not done
     failure: tuple[str, str] | None = None  # (reason, message) of a run that stopped
     notes: list[tuple[Stage, EventSpec]] = field(default_factory=list)  # Events of a stage's new Job
+    teacher_spend: TeacherSpend | None = None
 
 
 def _stage_summary(stage: Stage, status: StageStatus, walk: _Walk) -> str:
@@ -137,7 +142,7 @@ def _stage_summary(stage: Stage, status: StageStatus, walk: _Walk) -> str:
             return f"model {walk.model.uri} ({training.objective}, final loss {training.loss:.4f})"
         return f"model {walk.model.uri}"
     if stage == "evaluate" and walk.evaluation is not None and walk.evaluation.teacher_agreement is not None:
-        return f"teacher agreement {walk.evaluation.teacher_agreement:.4f}"
+        return walk.evaluation.summary or f"teacher agreement {walk.evaluation.teacher_agreement:.4f}"
     return f"Job {status.job} succeeded"
 
 
@@ -151,6 +156,7 @@ def _record_result(plan: RunPlan, result: BaseModel, walk: _Walk) -> None:
             eval_examples=result.eval,
             digest=result.digest,
         )
+        walk.teacher_spend = _with_summary(result.spend) or walk.teacher_spend
     elif isinstance(result, TrainResult):
         digest = result.digest if _DIGEST.match(result.digest) else None
         walk.model = ModelArtifact(uri=plan.model_uri, digest=digest)
@@ -163,14 +169,34 @@ def _record_result(plan: RunPlan, result: BaseModel, walk: _Walk) -> None:
             teacher_tokens_scored=result.teacher_tokens_scored,
         )
     elif isinstance(result, EvaluateResult):
-        gate = plan.job.spec.evaluation.min_teacher_agreement
+        evaluation = plan.job.spec.evaluation
         walk.evaluation = EvaluationStatus(
             teacher_agreement=result.teacher_agreement,
             metrics=dict(result.metrics),
-            passed=result.teacher_agreement >= gate,
+            passed=result.teacher_agreement >= evaluation.min_teacher_agreement,
             examples=result.examples,
             report_uri=result.report_uri,
+            speed=result.speed,
+            summary=savings_line(result.teacher_agreement, evaluation.agreement_metric, result.speed),
         )
+
+
+def _with_summary(spend: TeacherSpend | None) -> TeacherSpend | None:
+    """The spend as the status shows it: with its one-phrase summary (the Spend column)."""
+    return None if spend is None else spend.model_copy(update={"summary": spend_summary(spend)})
+
+
+def _watch_spend(
+    plan: RunPlan, name: str, job: ObservedJob, obs: JobObservation, decision: JobDecision, walk: _Walk
+) -> None:
+    """A running generate Job: its init container's projection, read once (a ready pod has run it)."""
+    if job.phase != StagePhase.RUNNING or walk.teacher_spend is not None:
+        return
+    if name not in obs.estimates:
+        decision.need_estimates.append(name)
+        return
+    # Recorded even when there is none (an older worker image), so the pods are read only once.
+    walk.teacher_spend = _with_summary(obs.estimates[name]) or TeacherSpend(mode=plan.job.spec.teacher.mode)
 
 
 def _carry_summaries(old: DistillationJobStatus, stage: Stage, walk: _Walk, plan: RunPlan) -> None:
@@ -194,6 +220,9 @@ def _walk_stages(
     new_run = old.run_id != plan.run_id
     generation = dj.metadata.generation
     walk = _Walk()
+    # The spend recorded for this generate Job (projected, spent, stopped at the budget) stays until replaced.
+    if old_stages.generate is not None and old_stages.generate.job == plan.job_name("generate"):
+        walk.teacher_spend = old.teacher_spend
 
     def cond(stage: Stage, ok: bool, reason: str, message: str) -> None:
         walk.conditions.append(condition(c.STAGE_CONDITIONS[stage], ok, reason, message, now, generation))
@@ -258,6 +287,8 @@ def _walk_stages(
             walk.stages[stage] = _with_progress(
                 StageStatus(job=name, phase=job.phase, start_time=job.start_time), obs.progress.get(stage)
             )
+            if stage == "generate":
+                _watch_spend(plan, name, job, obs, decision, walk)
             if job.phase == StagePhase.RUNNING:
                 cond(stage, False, Reason.STAGE_RUNNING, f"Job {name} is running")
             else:
@@ -272,6 +303,12 @@ def _walk_stages(
         reported = termination.message if termination else None
 
         if job.phase == StagePhase.FAILED:
+            # A structured failure (BudgetExceeded) has its own reason and carries what was spent.
+            stopped = parse_failure(reported)
+            code = stopped.reason if stopped is not None else Reason.STAGE_FAILED
+            if stopped is not None:
+                reported = stopped.message
+                walk.teacher_spend = _with_summary(stopped.spend) or walk.teacher_spend
             reason = clip(reported or job.message or f"Job {name} failed ({job.reason or 'unknown reason'})")
             if job.group and _restartable(termination):
                 attempt, limit = plan.attempts.get(stage, 0), plan.job.spec.resources.max_restarts
@@ -291,10 +328,10 @@ def _walk_stages(
                 reason = clip(f"{reason} (after {attempt} whole-group restarts: spec.resources.maxRestarts is {limit})")
             walk.stages[stage] = StageStatus(
                 job=name, phase=StagePhase.FAILED, start_time=job.start_time,
-                completion_time=job.completion_time, reason=Reason.STAGE_FAILED, message=reason,
+                completion_time=job.completion_time, reason=code, message=reason,
             )  # fmt: skip
-            walk.failure = (Reason.STAGE_FAILED, f"{stage} failed: {reason}")
-            cond(stage, False, Reason.STAGE_FAILED, reason)
+            walk.failure = (code, f"{stage} failed: {reason}")
+            cond(stage, False, code, reason)
             decision.finished.append(_finished(stage, walk.stages[stage], None))
             continue
 
@@ -500,6 +537,7 @@ def compute_job_decision(
         model=walk.model,
         training=walk.training,
         evaluation=walk.evaluation,
+        teacher_spend=walk.teacher_spend,
         distilled_model=output.name if (published and output.serve) else (old.distilled_model if not new_run else None),
     )
     decision.status.history, decision.prune = compute_history(

@@ -3,13 +3,20 @@
 Each stage's key is a hash of the inputs that shape its output, plus the key of the stage
 it reads from::
 
-    generate = H(teacher identity + sampling + system prompt, dataset, artifact location)
-    train    = H(generate, student, nodes x GPUs per node, artifact location)
+    dataset  = H(teacher identity + sampling + system prompt, dataset, artifact location)
+    generate = dataset, or H(dataset, spend settings) when any is set
+    train    = H(dataset, student, nodes x GPUs per node, artifact location)
     evaluate = H(train, evaluation, sampling, artifact location)
     run      = H(evaluate, output.model)
 
 So editing ``student.training.epochs`` changes train, evaluate and run but not
 generate: the new run reuses the teacher dataset and nobody pays the teacher twice.
+
+The spend settings (``teacher.budget``, ``teacher.pricing``, ``teacher.endpoint.mode`` and
+``batch``, ``evaluation.speed``) decide how the teacher is paid and measured, not what it
+answers: they name the generate Job (raising the budget of a run that stopped at it starts a
+new Job, which asks only for what is missing) but not the dataset's location, so nothing
+downstream of the dataset is trained or evaluated again because of them.
 
 Operational knobs (concurrency, rate limits, timeouts, retries, Secret names, tensor
 parallelism, placement) change how a stage runs, not what it produces, and are left
@@ -41,7 +48,10 @@ _OPERATIONAL_ENDPOINT_FIELDS = {
     # whether the endpoint can score tokens changes no answer; objective onPolicy needs it, and the
     # objective is part of the train key
     "prompt_logprobs",
+    "mode",
+    "batch",
 }
+_SPEND_TEACHER_FIELDS = {"pricing", "budget"}
 _OPERATIONAL_VLLM_FIELDS = {"tensor_parallel_size", "gpus"}
 
 
@@ -54,7 +64,7 @@ def digest(value: Any) -> str:
 def _teacher_identity(spec: DistillationJobSpec) -> dict[str, Any]:
     teacher = spec.teacher
     out: dict[str, Any] = teacher.model_dump(
-        mode="json", by_alias=True, exclude_defaults=True, exclude={"endpoint", "vllm"}
+        mode="json", by_alias=True, exclude_defaults=True, exclude={"endpoint", "vllm", *_SPEND_TEACHER_FIELDS}
     )
     if teacher.endpoint is not None:
         out["endpoint"] = teacher.endpoint.model_dump(
@@ -64,6 +74,19 @@ def _teacher_identity(spec: DistillationJobSpec) -> dict[str, Any]:
         out["vllm"] = teacher.vllm.model_dump(
             mode="json", by_alias=True, exclude_defaults=True, exclude=_OPERATIONAL_VLLM_FIELDS
         )
+    return out
+
+
+def _spend_settings(spec: DistillationJobSpec) -> dict[str, Any]:
+    teacher = spec.teacher
+    out: dict[str, Any] = teacher.model_dump(
+        mode="json", by_alias=True, exclude_defaults=True, include=_SPEND_TEACHER_FIELDS
+    )
+    if teacher.endpoint is not None:
+        out |= teacher.endpoint.model_dump(mode="json", by_alias=True, exclude_defaults=True, include={"mode", "batch"})
+    speed = _dump(spec.evaluation.speed)
+    if speed:
+        out["speed"] = speed
     return out
 
 
@@ -79,7 +102,7 @@ def _dump(model: Any) -> Any:
 def compute_stage_keys(spec: DistillationJobSpec) -> StageKeys:
     """The keys of every stage of the run ``spec`` describes."""
     location = _location(spec)
-    generate = digest(
+    dataset = digest(
         {
             "v": KEY_VERSION,
             "stage": "generate",
@@ -88,11 +111,13 @@ def compute_stage_keys(spec: DistillationJobSpec) -> StageKeys:
             "location": location,
         }
     )
+    spend = _spend_settings(spec)
+    generate = digest({"v": KEY_VERSION, "dataset": dataset, "spend": spend}) if spend else dataset
     train = digest(
         {
             "v": KEY_VERSION,
             "stage": "train",
-            "generate": generate,
+            "generate": dataset,
             "student": _dump(spec.student),
             # The global batch is per-device batch x devices: another topology is another model.
             "topology": {"nodes": spec.resources.nodes, "gpusPerNode": spec.resources.gpus_per_node},
@@ -111,6 +136,7 @@ def compute_stage_keys(spec: DistillationJobSpec) -> StageKeys:
     )
     run = digest({"v": KEY_VERSION, "evaluate": evaluate, "model": _dump(spec.output.model)})
     return StageKeys(
+        dataset=dataset[:16],
         generate=generate[:16],
         train=train[:16],
         evaluate=evaluate[:16],

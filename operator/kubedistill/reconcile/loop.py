@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from kubedistill.api import conditions as c
 from kubedistill.api.base import describe_validation_error
 from kubedistill.api.conditions import JobPhase, Reason, now_rfc3339
+from kubedistill.api.savings import TeacherSpend
 from kubedistill.api.v1alpha1 import API_VERSION, DistillationJob, DistillationJobStatus, DistilledModel
 from kubedistill.builders import names
 from kubedistill.builders.plan import RunPlan
@@ -35,7 +36,14 @@ from kubedistill.reconcile.distillation import (
     compute_job_decision,
 )
 from kubedistill.reconcile.keys import compute_stage_keys
-from kubedistill.reconcile.observe import ObservedJob, Termination, observe_job, parse_progress, pick_termination
+from kubedistill.reconcile.observe import (
+    ObservedJob,
+    Termination,
+    observe_job,
+    parse_progress,
+    pick_estimate,
+    pick_termination,
+)
 from kubedistill.reconcile.serving import ModelObservations, compute_model_decision
 from kubedistill.reconcile.serving_io import decide_adapter, observe_serving
 from kubedistill.reconcile.status import WARNING, EventSpec, apply_conditions, clip, condition, merge_patch
@@ -141,6 +149,11 @@ async def _termination(cluster: Cluster, namespace: str, job: ObservedJob) -> Te
     return pick_termination(pods, succeeded=job.phase == c.StagePhase.SUCCEEDED, group=job.group)
 
 
+async def _estimate(cluster: Cluster, namespace: str, job: ObservedJob) -> TeacherSpend | None:
+    pods = await cluster.list("v1", "Pod", namespace, f"batch.kubernetes.io/controller-uid={job.uid}")
+    return pick_estimate(pods)
+
+
 async def _observe_model(cluster: Cluster, namespace: str, name: str) -> ModelObservation:
     existing = await cluster.get(API_VERSION, DM_KIND, namespace, name)
     if existing is None:
@@ -181,6 +194,7 @@ async def decide_distillation_job(
         jobs=await _observe_jobs(cluster, dj, jobs), progress=parse_progress(seen.data), progress_ready=seen.exists
     )
     terminations: dict[str, Termination | None] = {}
+    estimates: dict[str, TeacherSpend | None] = {}
     model: ModelObservation | None = None
     for _ in range(MAX_PASSES):
         decision = compute_job_decision(dj, plan, settings, obs, now_rfc3339())
@@ -188,9 +202,11 @@ async def decide_distillation_job(
             return decision
         for name in decision.need_terminations:
             terminations[name] = await _termination(cluster, namespace, obs.jobs[name])
+        for name in decision.need_estimates:
+            estimates[name] = await _estimate(cluster, namespace, obs.jobs[name])
         if decision.need_model:
             model = await _observe_model(cluster, namespace, dj.spec.output.model.name)
-        obs = replace(obs, terminations=dict(terminations), model=model)
+        obs = replace(obs, terminations=dict(terminations), estimates=dict(estimates), model=model)
     raise RuntimeError(f"DistillationJob {namespace}/{dj.metadata.name}: the decision did not settle")
 
 

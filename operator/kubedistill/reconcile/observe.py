@@ -16,7 +16,8 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from kubedistill.api.conditions import StagePhase
-from kubedistill.api.worker_config import EvaluateResult, GenerateResult, StageProgress, TrainResult
+from kubedistill.api.savings import TeacherSpend
+from kubedistill.api.worker_config import EvaluateResult, GenerateResult, StageFailure, StageProgress, TrainResult
 from kubedistill.builders import names
 
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
@@ -122,17 +123,56 @@ def observe_job(body: Mapping[str, Any]) -> ObservedJob:
     )
 
 
-def _worker_state(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    statuses = (pod.get("status") or {}).get("containerStatuses") or []
-    status = next((s for s in statuses if s.get("name") == names.WORKER_CONTAINER), None)
-    if status is None and statuses:
-        status = statuses[0]
+def _terminated(status: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
     if status is None:
         return None
     terminated = (status.get("state") or {}).get("terminated")
     if terminated is None:
         terminated = (status.get("lastState") or {}).get("terminated")
     return terminated if isinstance(terminated, Mapping) else None
+
+
+def _worker_state(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """How the worker container ended; else an init container that failed (the worker never ran)."""
+    pod_status = pod.get("status") or {}
+    statuses = pod_status.get("containerStatuses") or []
+    status = next((s for s in statuses if s.get("name") == names.WORKER_CONTAINER), None)
+    if status is None and statuses:
+        status = statuses[0]
+    state = _terminated(status)
+    if state is not None:
+        return state
+    for init in pod_status.get("initContainerStatuses") or []:
+        failed = _terminated(init)
+        if failed is not None and failed.get("exitCode") not in (0, None):
+            return failed
+    return None
+
+
+def pick_estimate(pods: Iterable[Mapping[str, Any]]) -> TeacherSpend | None:
+    """The projection a generate pod's ``estimate`` init container reported, from any pod that has one."""
+    for pod in pods:
+        for init in (pod.get("status") or {}).get("initContainerStatuses") or []:
+            state = _terminated(init)
+            if init.get("name") != names.ESTIMATE_CONTAINER or state is None or state.get("exitCode") != 0:
+                continue
+            try:
+                spend = TeacherSpend.model_validate_json(state.get("message") or "")
+            except ValidationError:
+                continue
+            if spend.projected is not None:
+                return spend
+    return None
+
+
+def parse_failure(message: str | None) -> StageFailure | None:
+    """A structured failure (e.g. BudgetExceeded with the spend) from a failed stage's termination message."""
+    if not message or not message.startswith("{"):
+        return None
+    try:
+        return StageFailure.model_validate_json(message)
+    except ValidationError:
+        return None
 
 
 def pick_termination(pods: Iterable[Mapping[str, Any]], succeeded: bool, group: bool = False) -> Termination | None:

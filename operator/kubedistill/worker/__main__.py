@@ -1,6 +1,7 @@
 """kubedistill-worker: the one entry point of every stage pod.
 
     kubedistill-worker generate --config /etc/kubedistill/generate.yaml
+    kubedistill-worker estimate --config /etc/kubedistill/generate.yaml   # the teacher spend, asking nothing
     kubedistill-worker train    --config /etc/kubedistill/train.yaml
     kubedistill-worker evaluate --config /etc/kubedistill/evaluate.yaml
     kubedistill-worker fetch    --config /etc/kubedistill/fetch.yaml
@@ -34,6 +35,7 @@ from kubedistill.worker.common import (
 
 STAGE_MODULES = {
     "generate": "kubedistill.worker.generate",
+    "estimate": "kubedistill.worker.estimate",
     "train": "kubedistill.worker.train",
     "evaluate": "kubedistill.worker.evaluate",
     "fetch": "kubedistill.worker.fetch",
@@ -61,7 +63,7 @@ def run_stage(stage: str, config_path: str) -> int:
         log.warning("preempted: %s", err)
         return EXIT_PREEMPTED
     except WorkerError as err:
-        write_termination_message(str(err))
+        write_termination_message(err.termination_message())
         log.error("%s failed: %s", stage, err)
         return EXIT_FAILED
     except Exception as err:  # a bug: still tell the operator something useful

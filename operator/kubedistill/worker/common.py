@@ -41,6 +41,26 @@ ConfigT = TypeVar("ConfigT", bound=BaseModel)
 class WorkerError(Exception):
     """A failure with a reason a user can act on (bad input, gate miss, unreachable store)."""
 
+    def termination_message(self) -> str | dict[str, Any]:
+        """What the operator reads: one line of text, the condition message."""
+        return str(self)
+
+
+class StageStopped(WorkerError):
+    """A failure the operator reports with its own condition reason (e.g. BudgetExceeded).
+
+    The termination message is a JSON ``StageFailure`` (api/worker_config.py): the reason, the
+    message, and what the stage spent, so that the status shows the spend even of a stopped stage.
+    """
+
+    def __init__(self, reason: str, message: str, payload: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.payload = payload
+
+    def termination_message(self) -> str | dict[str, Any]:
+        return self.payload
+
 
 class Preempted(Exception):
     """SIGTERM arrived; state was saved and a restart resumes from it."""

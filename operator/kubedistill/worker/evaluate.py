@@ -10,6 +10,15 @@ over the eval split; the operator (or local mode) compares it with
 The student generates with vLLM (offline batch inference, the same engine that
 serves it later, so what is measured is what is served) or, where vLLM is not
 available, with transformers.
+
+With ``evaluation.speed`` (and vLLM), the student's serving speed is then measured
+on the first ``speed.prompts`` held-out prompts at concurrency 1 and at
+``speed.concurrency`` (worker/speed.py: TTFT and output tokens/s from vLLM's
+per-request metrics, p50 and p95), and set against the teacher's, which the
+generate stage measured the same way on the same prompts (teacher-speed.json in
+the dataset): the speedup, and the cost ratio per million answers (the teacher at
+its price table, or at the GPU-hour price for an in-cluster teacher; the student
+at ``speed.gpuHourPrice`` over its measured throughput).
 """
 
 from __future__ import annotations
@@ -20,7 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kubedistill.api.dataset import DatasetRecord, Message
+from kubedistill.api.dataset import TEACHER_SPEED_NAME, TEACHER_SPEND_NAME, DatasetRecord, Message
+from kubedistill.api.savings import SpeedComparison, SpeedReport, TokenSpend, compare_speed
 from kubedistill.api.worker_config import EvaluateConfig, EvaluateResult
 from kubedistill.storage.datasets import DatasetError, load_records
 from kubedistill.storage.objectstore import ObjectStore, StorageError, download_prefix, is_s3, join, open_store
@@ -44,7 +54,7 @@ def main(config: EvaluateConfig) -> dict[str, Any]:
     model_dir = resolve_model(config)
     reporter = ProgressReporter(config.progress, "evaluate", "examples", total=len(conversations))
     started = time.monotonic()
-    answers = generate_answers(config, model_dir, list(conversations.values()), reporter)
+    answers, student_speed = generate_answers(config, model_dir, list(conversations.values()), reporter)
     seconds = time.monotonic() - started
     reporter.update(len(answers), force=True)
     reporter.finish()
@@ -52,12 +62,15 @@ def main(config: EvaluateConfig) -> dict[str, Any]:
 
     examples = score_records(config, records, answer_by_prompt)
     summary = summarise(config, examples)
+    speed = compare(config, store, records, student_speed)
     report = {
         **summary,
         "agreementMetric": config.evaluation.agreement_metric,
         "generationSeconds": round(seconds, 3),
         "engine": config.engine,
         "training": training_summary(model_dir),
+        "speed": speed.to_wire() if speed is not None else None,
+        "teacherSpend": read_json(store, join(config.dataset_uri, TEACHER_SPEND_NAME)),
         "examples": examples,
     }
     report_uri = join(config.report_uri, "report.json")
@@ -67,8 +80,63 @@ def main(config: EvaluateConfig) -> dict[str, Any]:
         metrics=summary["metrics"],
         examples=len(examples),
         report_uri=report_uri,
+        speed=speed,
     )
     return result.to_wire()
+
+
+def compare(
+    config: EvaluateConfig, store: ObjectStore, records: list[DatasetRecord], student: SpeedReport | None
+) -> SpeedComparison | None:
+    """The student against the teacher (evaluation.speed); None when speed is not measured."""
+    speed = config.evaluation.speed
+    if not speed.enabled:
+        return None
+    pricing = config.teacher_pricing
+    comparison = compare_speed(
+        student,
+        read_teacher_speed(store, config),
+        speed.concurrency,
+        teacher_cost_per_answer=teacher_cost_per_answer(config, records),
+        gpu_hour_price=speed.gpu_hour_price,
+        currency=pricing.currency if pricing is not None else None,
+    )
+    if student is None and config.engine != "vllm":
+        comparison.note = f"the student's speed is measured with vLLM; this evaluation ran on {config.engine}"
+    log.info("speed: %s", comparison.model_dump_json(by_alias=True, exclude_none=True, exclude={"student", "teacher"}))
+    return comparison
+
+
+def read_json(store: ObjectStore, uri: str) -> Any:
+    """A small JSON document the generate stage left next to the dataset, or None."""
+    try:
+        return json.loads(store.get_bytes(uri)) if store.exists(uri) else None
+    except (StorageError, ValueError) as err:
+        log.warning("%s is unreadable: %s", uri, err)
+        return None
+
+
+def read_teacher_speed(store: ObjectStore, config: EvaluateConfig) -> SpeedReport | None:
+    uri = join(config.dataset_uri, TEACHER_SPEED_NAME)
+    try:
+        return SpeedReport.model_validate_json(store.get_bytes(uri)) if store.exists(uri) else None
+    except (StorageError, ValueError) as err:
+        log.warning("the teacher's speed at %s is unreadable: %s", uri, err)
+        return None
+
+
+def teacher_cost_per_answer(config: EvaluateConfig, records: list[DatasetRecord]) -> float | None:
+    """What one of these answers costs at the teacher's online prices: their own bills, averaged.
+
+    Online prices, not batch: the comparison is with serving, where the teacher is asked online.
+    """
+    if config.teacher_pricing is None or not records:
+        return None
+    usage = TokenSpend(
+        prompt_tokens=sum(record.usage.prompt_tokens for record in records),
+        completion_tokens=sum(record.usage.completion_tokens for record in records),
+    )
+    return config.teacher_pricing.cost(usage) / len(records)
 
 
 def load_eval_records(store: ObjectStore, config: EvaluateConfig) -> list[DatasetRecord]:
@@ -164,11 +232,12 @@ def resolve_model(config: EvaluateConfig) -> Path:
 
 def generate_answers(
     config: EvaluateConfig, model_dir: Path, conversations: list[Conversation], reporter: ProgressReporter | None = None
-) -> list[str]:
+) -> tuple[list[str], SpeedReport | None]:
+    """The student's answers, and (vLLM, evaluation.speed) its measured speed."""
     reporter = reporter or ProgressReporter(None, "evaluate", "examples", total=len(conversations))
     if config.engine == "vllm":
         return generate_with_vllm(config, model_dir, conversations, reporter)
-    return generate_with_transformers(config, model_dir, conversations, reporter)
+    return generate_with_transformers(config, model_dir, conversations, reporter), None
 
 
 # vLLM answers in chunks of at least this many prompts (and about ten chunks), so progress moves
@@ -178,8 +247,10 @@ MIN_CHUNK = 32
 
 def generate_with_vllm(
     config: EvaluateConfig, model_dir: Path, conversations: list[Conversation], reporter: ProgressReporter
-) -> list[str]:
+) -> tuple[list[str], SpeedReport | None]:
     from vllm import LLM, SamplingParams
+
+    from kubedistill.worker.speed import probe_offline
 
     sampling = config.sampling
     params = SamplingParams(
@@ -188,7 +259,8 @@ def generate_with_vllm(
         max_tokens=sampling.max_tokens,
         seed=sampling.seed,
     )
-    engine_args: dict[str, Any] = {"seed": sampling.seed or 0}
+    # Per-request metrics (RequestOutput.metrics) are what the speed is measured from.
+    engine_args: dict[str, Any] = {"seed": sampling.seed or 0, "disable_log_stats": False}
     if config.max_model_len:
         engine_args["max_model_len"] = config.max_model_len
     lora_request = None
@@ -207,7 +279,21 @@ def generate_with_vllm(
         outputs = llm.chat(part, params, lora_request=lora_request, use_tqdm=False)  # type: ignore[arg-type]
         answers += [output.outputs[0].text for output in outputs]
         reporter.update(len(answers))
-    return answers
+    speed = config.evaluation.speed
+    if not speed.enabled:
+        return answers, None
+    timed = SamplingParams(
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        max_tokens=sampling.max_tokens,
+        seed=sampling.seed,
+        ignore_eos=True,  # every measured answer has maxTokens tokens, as the teacher's (worker/speed.py)
+    )
+    measured = probe_offline(
+        llm, conversations[: speed.prompts], timed, speed.concurrency, gpus=config.gpus, lora_request=lora_request
+    )
+    log.info("student speed: %s", measured.model_dump_json(by_alias=True, exclude_none=True))
+    return answers, measured
 
 
 def adapter_rank(model_dir: Path) -> int:

@@ -15,33 +15,43 @@ The stage makes three streaming passes over the prompt set (so millions of
 prompts never sit in memory at once):
 
 1. plan: parse and validate every line, dedupe, split train/eval by content
-   hash, and look each answer key up in the answer store (loaded first);
+   hash, look each answer key up in the answer store (loaded first), and
+   project what the missing answers may cost (logged before any request);
 2. ask: the prompts with missing answers go through a bounded queue to a fixed
-   pool of ``maxConcurrency`` tasks (an endpoint teacher) or to vLLM in batches
-   (an in-pod teacher); every answer lands in the answer store within
+   pool of ``maxConcurrency`` tasks (an endpoint teacher, online), into Batch
+   API batches (``mode: batch``, teacher/batch.py) or to vLLM in batches (an
+   in-pod teacher); every answer lands in the answer store within
    ``flushSeconds``, so a killed run resumes without asking again;
 3. write: shards, failures.jsonl, then manifest.json, in input order, so the
-   same inputs and answers always give the same dataset digest.
+   same inputs and answers always give the same dataset digest; then, with
+   ``speed``, the teacher's speed on the held-out prompts (teacher-speed.json).
 
-Bad lines and over-long prompts are reported, never fatal. The stage fails
-only when more than ``maxFailureFraction`` of the prompts got no answer; the
-one-line reason goes to /dev/termination-log. On SIGTERM, requests in flight
-get ``drainSeconds`` to finish, stored answers are flushed, and the worker
-exits as preempted: a restart resumes.
+Every request is metered and held against ``teacher.budget`` (teacher/spend.py):
+none is sent that could take the spend past it. When the budget is spent the
+stage stops with BudgetExceeded (a JSON termination message with the spend),
+keeping every answer paid for. Bad lines and over-long prompts are reported,
+never fatal. The stage fails only when more than ``maxFailureFraction`` of the
+prompts got no answer; the one-line reason goes to /dev/termination-log. On
+SIGTERM, requests in flight get ``drainSeconds`` to finish, stored answers are
+flushed, and the worker exits as preempted: a restart resumes.
+
+    kubedistill-worker estimate --config generate.yaml   # the projection only: nothing is asked
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from kubedistill.api.dataset import (
+    TEACHER_SPEED_NAME,
+    TEACHER_SPEND_NAME,
     TEACHER_TOKENIZER_DIR,
     DatasetCounts,
     DatasetManifest,
@@ -51,6 +61,7 @@ from kubedistill.api.dataset import (
     Split,
     Usage,
 )
+from kubedistill.api.savings import SpeedReport, SpendProjection, TeacherSpend, format_money, format_tokens
 from kubedistill.api.worker_config import GenerateConfig, GenerateResult
 from kubedistill.storage.objectstore import (
     ObjectStore,
@@ -61,12 +72,23 @@ from kubedistill.storage.objectstore import (
     open_store,
     upload_dir,
 )
-from kubedistill.worker.common import Preempted, WorkerError
+from kubedistill.worker.common import WorkerError
+from kubedistill.worker.teacher.batch import BatchPass
 from kubedistill.worker.teacher.keys import settings_digest, teacher_settings
+from kubedistill.worker.teacher.measure import measure_endpoint, measure_offline, probe_conversations
+from kubedistill.worker.teacher.offline_pass import OfflineTeacher, ask_offline
 from kubedistill.worker.teacher.online import EndpointPass
-from kubedistill.worker.teacher.plan import Failure, Plan, RunStats, make_plan, missing_work
-from kubedistill.worker.teacher.progress import Progress
+from kubedistill.worker.teacher.plan import Failure, Plan, RunStats, make_plan, project_missing
 from kubedistill.worker.teacher.prompts import Prompt, Rejected, ScanOptions, Source, scan
+from kubedistill.worker.teacher.spend import (
+    Ledger,
+    PromptCounter,
+    budget_exceeded,
+    describe_spend,
+    new_ledger,
+    prompt_counter,
+    spend_report,
+)
 from kubedistill.worker.teacher.store import Answer, AnswerStore
 from kubedistill.worker.teacher.writer import DatasetWriter
 
@@ -97,24 +119,100 @@ def run(config: GenerateConfig) -> tuple[GenerateResult, RunStats]:
 
 def _run(config: GenerateConfig, work: Path, stats: RunStats) -> GenerateResult:
     teacher = config.teacher
-    digest = settings_digest(teacher)
     sources = fetch_sources(config, work)
+    answers = load_answers(config, stats)
+    offline = OfflineTeacher(config, work) if teacher.vllm is not None else None
+    try:
+        return _generate(config, work, stats, sources, answers, offline)
+    finally:
+        if offline is not None:
+            offline.close()
 
+
+def _generate(
+    config: GenerateConfig,
+    work: Path,
+    stats: RunStats,
+    sources: list[Source],
+    answers: AnswerStore,
+    offline: OfflineTeacher | None,
+) -> GenerateResult:
+    teacher = config.teacher
+    counter, counted_with = prompt_counter(offline.tokenizer() if offline is not None else None)
+    plan, options = plan_run(config, sources, answers, stats, counter, counted_with)
+    ledger = stats.ledger = new_ledger(teacher)
+    assert plan.projection is not None
+    projected = plan.projection.result(ledger.prices)
+    log_projection(config, projected)
+
+    failures: list[Failure] = []
+    if plan.to_ask:
+        start = time.monotonic()
+        if teacher.endpoint is not None and teacher.endpoint.mode == "batch":
+            failures = BatchPass(config, sources, options, answers, plan, stats, ledger, work).run()
+        elif teacher.endpoint is not None:
+            failures = asyncio.run(EndpointPass(config, sources, options, answers, plan, stats, ledger).run())
+        else:
+            assert offline is not None
+            failures = ask_offline(offline, sources, options, answers, plan, stats, ledger, counter)
+        stats.ask_seconds = time.monotonic() - start
+        log.info(
+            "generate asked: answered=%d failed_prompts=%d seconds=%.1f store_batches=%d spent=%s",
+            stats.answered, len(failures), stats.ask_seconds, answers.stats.batches_written,
+            describe_spend(ledger.spent(), teacher.pricing.currency if teacher.pricing else None),
+        )  # fmt: skip
+    if ledger.exhausted:
+        remaining = project_missing(sources, options, answers, teacher.sampling.max_tokens, counter)
+        stopped = budget_exceeded(teacher, ledger, projected, plan.stored, remaining, stats.answered)
+        write_spend(config, TeacherSpend.model_validate(stopped.payload["spend"]))
+        raise stopped
+
+    start = time.monotonic()
+    result = write_dataset(config, sources, options, answers, plan, failures, stats, work)
+    stats.write_seconds = time.monotonic() - start
+    result.teacher_speed = measure_teacher(config, sources, options, ledger, offline)
+    result.spend = spend_report(teacher, ledger, projected, plan.stored)
+    write_spend(config, result.spend)
+    return result
+
+
+def write_spend(config: GenerateConfig, spend: TeacherSpend) -> None:
+    """The run's spend next to its dataset: the evaluation report carries it (the run report in the store)."""
+    uri = join(config.output_uri, TEACHER_SPEND_NAME)
+    try:
+        store_for(uri, config).put_bytes(uri, json.dumps(spend.to_wire()).encode(), "application/json")
+    except StorageError as err:
+        log.warning("the teacher spend could not be written to %s: %s", uri, err)
+
+
+def load_answers(config: GenerateConfig, stats: RunStats) -> AnswerStore:
     start = time.monotonic()
     answers = AnswerStore.for_partition(
         store_for(config.answer_store_uri, config),
         config.answer_store_uri,
-        digest,
+        settings_digest(config.teacher),
         flush_every=config.flush_every,
         flush_seconds=config.flush_seconds,
     )
     answers.load()
     stats.store = answers.stats
     stats.load_seconds = time.monotonic() - start
+    return answers
 
+
+def plan_run(
+    config: GenerateConfig,
+    sources: list[Source],
+    answers: AnswerStore,
+    stats: RunStats,
+    counter: PromptCounter,
+    counted_with: str,
+) -> tuple[Plan, ScanOptions]:
+    """Pass 1, logged; a prompt set with nothing usable is an error."""
+    teacher = config.teacher
     start = time.monotonic()
     options = scan_options(config)
-    plan = make_plan(sources, options, answers, teacher.sampling.max_tokens)
+    plan = make_plan(sources, options, answers, teacher.sampling.max_tokens, counter, counted_with)
     options.split_overrides = plan.split_overrides
     stats.plan_seconds = time.monotonic() - start
     log.info(
@@ -127,24 +225,62 @@ def _run(config: GenerateConfig, work: Path, stats: RunStats) -> GenerateResult:
         raise WorkerError(
             f"no usable prompts in {config.prompts}: {plan.malformed} malformed, {plan.too_long} too long"
         )
+    return plan, options
 
-    failures: list[Failure] = []
-    if plan.to_ask:
-        start = time.monotonic()
-        if teacher.endpoint is not None:
-            failures = asyncio.run(EndpointPass(config, sources, options, answers, plan, stats).run())
-        else:
-            failures = ask_offline(config, sources, options, answers, plan, stats, work)
-        stats.ask_seconds = time.monotonic() - start
-        log.info(
-            "generate asked: answered=%d failed_prompts=%d seconds=%.1f store_batches=%d",
-            stats.answered, len(failures), stats.ask_seconds, answers.stats.batches_written,
-        )  # fmt: skip
 
-    start = time.monotonic()
-    result = write_dataset(config, sources, options, answers, plan, failures, stats, work)
-    stats.write_seconds = time.monotonic() - start
-    return result
+def log_projection(config: GenerateConfig, projected: SpendProjection) -> None:
+    teacher = config.teacher
+    currency = teacher.pricing.currency if teacher.pricing else None
+    cost = f" ({format_money(projected.cost, currency)})" if projected.cost is not None and currency else ""
+    budget = teacher.budget
+    limit = ""
+    if budget is not None:
+        limit = " budget:" + (f" maxTokens={budget.max_tokens:,}" if budget.max_tokens else "")
+        limit += f" maxCost={budget.max_cost:g} {currency}" if budget.max_cost and currency else ""
+    log.info(
+        "generate projection: at most %s%s for %d answers (%d prompt tokens counted with the %s, %d answers x "
+        "maxTokens %d), %d answers reused from the store at no cost;%s",
+        format_tokens(projected.tokens), cost, projected.answers, projected.prompt_tokens, projected.counted_with,
+        projected.answers, teacher.sampling.max_tokens, projected.reused, limit or " no budget",
+    )  # fmt: skip
+
+
+def measure_teacher(
+    config: GenerateConfig, sources: list[Source], options: ScanOptions, ledger: Ledger, offline: OfflineTeacher | None
+) -> SpeedReport | None:
+    """The teacher's speed on the prompts the evaluate stage measures the student on (evaluation.speed)."""
+    if config.speed is None or not config.speed.enabled:
+        return None
+    conversations = probe_conversations(sources, options, config.speed.prompts)
+    if not conversations:
+        return None
+    uri = join(config.output_uri, TEACHER_SPEED_NAME)
+    store = store_for(uri, config)
+    measured = previous_speed(store, uri, config.speed.concurrency, len(conversations))
+    if measured is not None:
+        log.info("teacher speed: measured by an earlier run of this dataset, reused (nothing asked)")
+        return measured
+    report: SpeedReport | None
+    if offline is not None:
+        report = measure_offline(config, offline.llm(), conversations)
+    else:
+        report = measure_endpoint(config, ledger, conversations)
+    if report is not None:
+        store.put_bytes(uri, report.model_dump_json(by_alias=True).encode(), "application/json")
+        log.info("teacher speed: %s", report.model_dump_json(by_alias=True, exclude_none=True))
+    return report
+
+
+def previous_speed(store: ObjectStore, uri: str, concurrency: int, prompts: int) -> SpeedReport | None:
+    """The teacher's speed as an earlier run measured it on the same prompts and levels (the same dataset)."""
+    try:
+        if not store.exists(uri):
+            return None
+        report = SpeedReport.model_validate_json(store.get_bytes(uri))
+    except (StorageError, ValueError):
+        return None
+    wanted = [(1, prompts), (concurrency, max(prompts, concurrency))]
+    return report if [(lv.concurrency, lv.requests) for lv in report.levels] == wanted else None
 
 
 # --------------------------------------------------------------------------- inputs
@@ -193,58 +329,6 @@ def scan_options(config: GenerateConfig) -> ScanOptions:
         settings=teacher_settings(config.teacher),
         max_examples=config.max_examples,
     )
-
-
-# --------------------------------------------------------------------------- in-pod vLLM teacher
-
-
-def ask_offline(
-    config: GenerateConfig,
-    sources: list[Source],
-    options: ScanOptions,
-    answers: AnswerStore,
-    plan: Plan,
-    stats: RunStats,
-    work: Path,
-) -> list[Failure]:
-    """Pass 2 with vLLM in this process: batches of prompts, answers stored after each batch."""
-    from kubedistill.worker.teacher.offline import OfflineItem, StopFlag, load_llm, resolve_model, run_offline
-
-    spec = config.teacher.vllm
-    assert spec is not None
-    failures: list[Failure] = []
-    prompts_by_item: dict[int, Prompt] = {}
-    progress = Progress(plan.to_ask, config.progress, label=spec.model, reused=plan.stored)
-
-    def items() -> Iterator[OfflineItem]:
-        for prompt, keys in missing_work(sources, options, answers):
-            item = OfflineItem(prompt.messages, keys)
-            prompts_by_item[id(item)] = prompt
-            stats.requested += len(keys)
-            yield item
-
-    def on_answers(got: list[Answer]) -> None:
-        answers.add(got)
-        answers.flush()
-        stats.answered += len(got)
-        progress.update(done=len(got))
-
-    def on_failure(item: OfflineItem, reason: str) -> None:
-        failures.append(Failure(prompts_by_item[id(item)], item.keys, reason))
-        progress.update(failed=len(item.keys))
-
-    with StopFlag() as stop:
-        model_store = store_for(spec.model, config) if is_s3(spec.model) else None
-        llm = load_llm(config.teacher, resolve_model(spec.model, model_store, work))
-        try:
-            run_offline(llm, config.teacher, items(), config.offline_batch_size, on_answers, on_failure, stop)
-        finally:
-            answers.flush()
-            progress.close()
-            del llm
-    if stop.stopped:
-        raise Preempted(f"SIGTERM after {stats.answered} answers this run; all are stored, a restart resumes")
-    return failures
 
 
 # --------------------------------------------------------------------------- output

@@ -21,6 +21,9 @@ whole prompt set on them.
 
 The API key is sent in the Authorization header and appears nowhere else: not
 in logs, not in error messages (server error bodies are scrubbed of it).
+
+Every attempt is metered (spend.py): its worst case is held against the budget before it is
+sent (``BudgetGate``), and what its response bills is counted whether the answer is kept or not.
 """
 
 from __future__ import annotations
@@ -42,8 +45,19 @@ import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_random_exponential
 from tenacity.wait import wait_base
 
+from kubedistill.api.savings import TokenSpend
 from kubedistill.api.v1alpha1 import EndpointTeacher, TeacherSpec
+from kubedistill.worker.speed import Timing
 from kubedistill.worker.teacher.limits import RateLimits, token_charge
+from kubedistill.worker.teacher.spend import (
+    BudgetExhausted,
+    Charge,
+    Ledger,
+    prompt_upper_bound,
+    usage_from_body,
+    usage_from_response,
+    worst_case,
+)
 from kubedistill.worker.teacher.store import Answer
 from kubedistill.worker.topk import encode, from_strings
 
@@ -130,6 +144,45 @@ def _is_retryable(error: BaseException) -> bool:
     return isinstance(error, TeacherCallError) and error.retryable
 
 
+class BudgetGate:
+    """The ledger's budget for concurrent requests: a request waits while others' holds keep it out.
+
+    ``reserve`` returns once the request's worst case fits; while it does not, it waits for a
+    request in flight to settle (their actual bills are usually far below their holds). With
+    nothing in flight and still no room, the budget is exhausted: this and every later
+    ``reserve`` raise BudgetExhausted.
+    """
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self._changed = asyncio.Event()
+
+    async def reserve(self, charge: Charge) -> None:
+        while True:
+            if self.ledger.exhausted:
+                raise BudgetExhausted
+            if self.ledger.reserve(charge):
+                return
+            if self.ledger.in_flight == 0:
+                self.ledger.exhausted = True
+                self._changed.set()
+                raise BudgetExhausted
+            self._changed.clear()
+            await self._changed.wait()  # set() wakes every waiter; each checks again
+
+    def settle(self, charge: Charge, billed: TokenSpend | None, *, confirmed: bool) -> None:
+        self.ledger.settle(charge, billed, confirmed=confirmed)
+        self._changed.set()
+
+
+@dataclass
+class _Outcome:
+    """What one attempt billed: known usage, nothing (an error status), or unknown (no response)."""
+
+    billed: TokenSpend | None = None
+    confirmed: bool = True  # nothing sent yet; _attempt says otherwise once it sends
+
+
 class EndpointClient:
     """Chat completions against one OpenAI-compatible endpoint."""
 
@@ -141,6 +194,7 @@ class EndpointClient:
         *,
         backoff_initial: float = 1.0,
         backoff_max: float = 60.0,
+        ledger: Ledger | None = None,
     ) -> None:
         if teacher.endpoint is None:
             raise ValueError("EndpointClient needs teacher.endpoint")
@@ -148,6 +202,7 @@ class EndpointClient:
         self.teacher = teacher
         self.limits = limits
         self.stats = CallStats()
+        self.gate = BudgetGate(ledger if ledger is not None else Ledger())
         self._api_key = api_key or None
         self._backoff = wait_random_exponential(multiplier=backoff_initial, max=backoff_max)
         self._url = self.spec.base_url.rstrip("/") + "/chat/completions"
@@ -178,21 +233,7 @@ class EndpointClient:
     # ------------------------------------------------------------------ requests
 
     def payload(self, messages: tuple[tuple[str, str], ...], samples: int) -> dict[str, Any]:
-        sampling = self.teacher.sampling
-        body: dict[str, Any] = {
-            "model": self.spec.model,
-            "messages": [{"role": role, "content": content} for role, content in messages],
-            "max_tokens": sampling.max_tokens,
-            "temperature": sampling.temperature,
-            "top_p": sampling.top_p,
-            "n": samples,
-        }
-        if sampling.seed is not None:
-            body["seed"] = sampling.seed
-        if self.teacher.logprobs:
-            body["logprobs"] = True
-            body["top_logprobs"] = self.teacher.logprobs
-        return body
+        return chat_payload(self.teacher, messages, samples)
 
     async def ask(self, messages: tuple[tuple[str, str], ...], keys: list[str]) -> list[Answer]:
         """One answer per key (the samples still missing), asked in one request with n=len(keys).
@@ -202,6 +243,7 @@ class EndpointClient:
         """
         body = json.dumps(self.payload(messages, len(keys)), ensure_ascii=False).encode()
         charge = token_charge(messages, len(keys), self.teacher.sampling.max_tokens)
+        most = worst_case(prompt_upper_bound(messages), len(keys), self.teacher.sampling.max_tokens)
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.spec.max_retries + 1),
             wait=wait_retry_after(self._backoff),
@@ -212,8 +254,13 @@ class EndpointClient:
         try:
             async for attempt in retrying:
                 with attempt:
-                    await self.limits.acquire(charge)
-                    answers = await self._attempt(body, keys)
+                    await self.gate.reserve(most)  # BudgetExhausted is not retried: it ends the run
+                    outcome = _Outcome()
+                    try:
+                        await self.limits.acquire(charge)
+                        answers = await self._attempt(body, keys, outcome)
+                    finally:
+                        self.gate.settle(most, outcome.billed, confirmed=outcome.confirmed)
         except TeacherCallError as err:
             self.stats.failed += 1
             attempts = retrying.statistics.get("attempt_number", 1)
@@ -221,6 +268,49 @@ class EndpointClient:
             raise
         self.stats.succeeded += 1
         return answers
+
+    async def stream(self, messages: tuple[tuple[str, str], ...]) -> Timing | None:
+        """One streamed request, timed as the speed probe needs it (worker/speed.py); None if not answered.
+
+        Not retried: a probe measures what the teacher does, and a failed request is left out of it.
+        Billed and held against the budget like any other request.
+        """
+        assert self._http is not None, "use EndpointClient as an async context manager"
+        payload = self.payload(messages, 1)
+        payload.pop("logprobs", None)
+        payload.pop("top_logprobs", None)
+        payload |= {"stream": True, "stream_options": {"include_usage": True}}
+        most = worst_case(prompt_upper_bound(messages), 1, self.teacher.sampling.max_tokens)
+        await self.gate.reserve(most)
+        outcome = _Outcome(confirmed=False)
+        first = last = None
+        start = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.spec.timeout_seconds):
+                async with self._http.post(
+                    self._url, json=payload, allow_redirects=False, proxy=self._proxy
+                ) as response:
+                    if response.status != 200:
+                        outcome.confirmed = True
+                        return None
+                    async for raw in response.content:
+                        line = raw.strip()
+                        if not line.startswith(b"data:") or line == b"data: [DONE]":
+                            continue
+                        doc = json.loads(line[5:])
+                        outcome.billed = usage_from_response(doc) or outcome.billed
+                        if any((c.get("delta") or {}).get("content") for c in doc.get("choices") or []):
+                            last = time.perf_counter()
+                            first = first or last
+            outcome.confirmed = outcome.billed is not None
+        except (TimeoutError, aiohttp.ClientError, ValueError, AttributeError) as err:
+            log.debug("speed probe request failed: %s", self._scrub(str(err)))
+            return None
+        finally:
+            self.gate.settle(most, outcome.billed, confirmed=outcome.confirmed)
+        if first is None or last is None or outcome.billed is None:
+            return None
+        return Timing(ttft=first - start, tokens=outcome.billed.completion_tokens, decode_seconds=last - first)
 
     def _before_sleep(self, retry_state: RetryCallState) -> None:
         self.stats.retries += 1
@@ -231,8 +321,9 @@ class EndpointClient:
             if error.retry_after is not None and error.status in (429, 503):
                 self.limits.cool_down(min(error.retry_after, RETRY_AFTER_CAP))
 
-    async def _attempt(self, body: bytes, keys: list[str]) -> list[Answer]:
+    async def _attempt(self, body: bytes, keys: list[str], outcome: _Outcome) -> list[Answer]:
         assert self._http is not None, "use EndpointClient as an async context manager"
+        outcome.confirmed = False  # until a whole response says otherwise
         self.stats.attempts += 1
         try:
             async with asyncio.timeout(self.spec.timeout_seconds):
@@ -242,9 +333,15 @@ class EndpointClient:
         except TimeoutError as err:
             raise TeacherCallError(f"timeout: no answer within {self.spec.timeout_seconds:g}s", retryable=True) from err
         except aiohttp.ClientError as err:  # connection refused/reset, truncated body, bad HTTP
+            # Never connected: nothing was sent, nothing billed. Anything later may have been.
+            outcome.confirmed = isinstance(err, aiohttp.ClientConnectorError)
             raise TeacherCallError(
                 f"connection: {type(err).__name__}: {self._scrub(str(err))}", retryable=True
             ) from err
+        # A whole response: an error status bills nothing, a 200 bills its usage; a 200 without one
+        # may have billed anything, so it stays unconfirmed (counted at its maximum).
+        outcome.billed = usage_from_body(payload) if status == 200 else None
+        outcome.confirmed = status != 200 or outcome.billed is not None
         if status == 200:
             return self._parse(payload, keys)
         detail = self._scrub(" ".join(payload[:300].decode("utf-8", "replace").split()))
@@ -260,26 +357,7 @@ class EndpointClient:
 
     def _parse(self, payload: bytes, keys: list[str]) -> list[Answer]:
         try:
-            doc = json.loads(payload)
-            choices = sorted(doc["choices"], key=lambda c: c.get("index", 0))
-            if len(choices) < len(keys):
-                raise ValueError(f"{len(choices)} choices for n={len(keys)}")
-            answers = []
-            for key, choice in zip(keys, choices, strict=False):
-                content = choice["message"]["content"]
-                if not isinstance(content, str):
-                    raise ValueError("choice without text content")
-                answers.append(
-                    Answer(
-                        key=key,
-                        content=content,
-                        finish_reason=choice.get("finish_reason"),
-                        topk=_topk(choice.get("logprobs"), self.teacher.logprobs) if self.teacher.logprobs else None,
-                    )
-                )
-            usage = doc.get("usage") or {}
-            answers[0].prompt_tokens = int(usage.get("prompt_tokens") or 0)
-            answers[0].completion_tokens = int(usage.get("completion_tokens") or 0)
+            answers = parse_completion(json.loads(payload), keys, self.teacher.logprobs or 0)
         except (ValueError, KeyError, TypeError, AttributeError, IndexError) as err:
             raise TeacherCallError(f"malformed response: {type(err).__name__}: {err}"[:200], retryable=True) from err
         self.stats.prompt_tokens += answers[0].prompt_tokens
@@ -287,9 +365,62 @@ class EndpointClient:
         return answers
 
     def _scrub(self, text: str) -> str:
-        if self._api_key:
-            text = text.replace(self._api_key, "***")
-        return _SECRETISH.sub("***", text)
+        return scrub(text, self._api_key)
+
+
+def scrub(text: str, api_key: str | None) -> str:
+    """``text`` without the API key, or anything that looks like a key."""
+    if api_key:
+        text = text.replace(api_key, "***")
+    return _SECRETISH.sub("***", text)
+
+
+def chat_payload(teacher: TeacherSpec, messages: tuple[tuple[str, str], ...], samples: int) -> dict[str, Any]:
+    """The chat completions request body (online, and each line of a batch: same request, same answer)."""
+    assert teacher.endpoint is not None
+    sampling = teacher.sampling
+    body: dict[str, Any] = {
+        "model": teacher.endpoint.model,
+        "messages": [{"role": role, "content": content} for role, content in messages],
+        "max_tokens": sampling.max_tokens,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "n": samples,
+    }
+    if sampling.seed is not None:
+        body["seed"] = sampling.seed
+    if teacher.logprobs:
+        body["logprobs"] = True
+        body["top_logprobs"] = teacher.logprobs
+    return body
+
+
+def parse_completion(doc: Any, keys: list[str], top_k: int) -> list[Answer]:
+    """A chat completion body -> one Answer per key (the response's usage on the first, as the store keeps it),
+    with each answer's compact top-k distribution when ``top_k`` > 0.
+
+    Raises ValueError, KeyError, TypeError... on a body that is not a usable completion.
+    """
+    choices = sorted(doc["choices"], key=lambda c: c.get("index", 0))
+    if len(choices) < len(keys):
+        raise ValueError(f"{len(choices)} choices for n={len(keys)}")
+    answers = []
+    for key, choice in zip(keys, choices, strict=False):
+        content = choice["message"]["content"]
+        if not isinstance(content, str):
+            raise ValueError("choice without text content")
+        answers.append(
+            Answer(
+                key=key,
+                content=content,
+                finish_reason=choice.get("finish_reason"),
+                topk=_topk(choice.get("logprobs"), top_k) if top_k else None,
+            )
+        )
+    usage = usage_from_response(doc) or TokenSpend()
+    answers[0].prompt_tokens = usage.prompt_tokens
+    answers[0].completion_tokens = usage.completion_tokens
+    return answers
 
 
 def env_proxy_for(url: str) -> str | None:

@@ -11,13 +11,15 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kubedistill.api.savings import TokenSpend
 from kubedistill.api.v1alpha1 import TeacherSpec
 from kubedistill.storage.objectstore import ObjectStore, download_prefix, is_s3
 from kubedistill.worker.common import WorkerError, on_sigterm
+from kubedistill.worker.teacher.spend import Charge, Ledger
 from kubedistill.worker.teacher.store import Answer
 from kubedistill.worker.topk import encode, from_ids
 
@@ -25,10 +27,29 @@ log = logging.getLogger("kubedistill.worker.generate")
 MIN_LOGPROB = -9999.0
 
 
+# What a tokenizer needs of a model directory (the estimate stage downloads only these).
+TOKENIZER_FILES = frozenset(
+    {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "tokenizer.model",
+        "vocab.json",
+        "merges.txt",
+        "chat_template.jinja",
+        "chat_template.json",
+    }
+)
+
+
 @dataclass(frozen=True)
 class OfflineItem:
     messages: tuple[tuple[str, str], ...]
     keys: list[str]
+    charge: Charge = field(default_factory=lambda: Charge(0, 0))  # the most it bills: prompt + n x maxTokens
 
 
 def resolve_model(model: str, store: ObjectStore | None, work_dir: Path) -> str:
@@ -45,36 +66,40 @@ def resolve_model(model: str, store: ObjectStore | None, work_dir: Path) -> str:
     return str(target)
 
 
-# What a tokenizer is made of: enough to load it without the weights.
-TOKENIZER_FILES = frozenset(
-    {
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "added_tokens.json",
-        "chat_template.jinja",
-        "vocab.json",
-        "merges.txt",
-        "tokenizer.model",
-        "config.json",
-    }
-)
+def resolve_tokenizer(model: str, store: ObjectStore | None, work_dir: Path) -> str:
+    """A local directory with the teacher's tokenizer only (no weights): enough to count prompt tokens."""
+    if not is_s3(model):
+        return model
+    if store is None:
+        raise WorkerError(f"no object store for teacher model {model}")
+    target = work_dir / "teacher-tokenizer"
+    found = [obj for obj in store.list(model) if obj.key in TOKENIZER_FILES]
+    if not found:
+        raise WorkerError(f"teacher model {model} has no tokenizer files ({', '.join(sorted(TOKENIZER_FILES))})")
+    for obj in found:
+        store.download_file(obj.uri, target / obj.key)
+    return str(target)
+
+
+def load_tokenizer(path: str) -> Any | None:
+    """The teacher's tokenizer, or None where transformers is not installed (the estimate then applies)."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # a model without a loadable tokenizer: estimate instead
+        log.warning("teacher tokenizer not loadable from %s (%s): prompt tokens are estimated", path, err)
+        return None
 
 
 def save_tokenizer(model: str, store: ObjectStore | None, work_dir: Path) -> Path:
     """The teacher's tokenizer, saved into a directory (an s3:// model: its tokenizer files only)."""
     from transformers import AutoTokenizer
 
-    source = model
-    if is_s3(model):
-        if store is None:
-            raise WorkerError(f"no object store for teacher model {model}")
-        target = work_dir / "teacher-tokenizer-files"
-        for obj in store.list(model):
-            if obj.key in TOKENIZER_FILES:
-                store.download_file(obj.uri, target / obj.key)
-        source = str(target)
-    dest = work_dir / "teacher-tokenizer"
+    source = resolve_tokenizer(model, store, work_dir)
+    dest = work_dir / "teacher-tokenizer-saved"
     try:
         AutoTokenizer.from_pretrained(source).save_pretrained(dest)
     except Exception as err:
@@ -91,6 +116,8 @@ def load_llm(teacher: TeacherSpec, model_path: str) -> Any:
         "model": model_path,
         "tensor_parallel_size": spec.tensor_parallel_size,
         "dtype": spec.dtype,
+        # Per-request metrics (RequestOutput.metrics): the teacher's speed is measured from them.
+        "disable_log_stats": False,
     }
     if spec.max_model_len:
         kwargs["max_model_len"] = spec.max_model_len
@@ -102,7 +129,7 @@ def load_llm(teacher: TeacherSpec, model_path: str) -> Any:
         raise WorkerError(f"vLLM could not load teacher model {spec.model}: {type(err).__name__}: {err}") from err
 
 
-def sampling_params(teacher: TeacherSpec, samples: int) -> Any:
+def sampling_params(teacher: TeacherSpec, samples: int, *, ignore_eos: bool = False) -> Any:
     from vllm import SamplingParams
 
     sampling = teacher.sampling
@@ -113,6 +140,7 @@ def sampling_params(teacher: TeacherSpec, samples: int) -> Any:
         max_tokens=sampling.max_tokens,
         seed=sampling.seed,
         logprobs=teacher.logprobs or None,
+        ignore_eos=ignore_eos,
     )
 
 
@@ -132,6 +160,16 @@ def answers_from_output(output: Any, keys: list[str], top_k: int | None) -> list
     if answers:
         answers[0].prompt_tokens = len(output.prompt_token_ids or [])
     return answers
+
+
+def usage_of(output: Any) -> TokenSpend:
+    """What an in-pod teacher's request "bills": its tokens, counted by its own tokenizer."""
+    return TokenSpend(
+        requests=1,
+        prompt_tokens=len(output.prompt_token_ids or []),
+        cached_prompt_tokens=int(getattr(output, "num_cached_tokens", 0) or 0),
+        completion_tokens=sum(len(c.token_ids) for c in output.outputs),
+    )
 
 
 def _topk(completion: Any, top_k: int) -> str | None:
@@ -160,9 +198,20 @@ def _finite(value: float) -> float:
     return max(float(value), MIN_LOGPROB)
 
 
-def _batches(items: Iterable[OfflineItem], size: int) -> Iterator[list[OfflineItem]]:
+def _batches(items: Iterable[OfflineItem], size: int, ledger: Ledger) -> Iterator[list[OfflineItem]]:
+    """Batches of items whose worst case the budget holds.
+
+    An item that does not fit waits for the batch before it to be answered (and settled); if it
+    still does not fit with nothing in flight, the budget is exhausted and no more batches come.
+    """
     batch: list[OfflineItem] = []
     for item in items:
+        while not ledger.reserve(item.charge):
+            if not batch:
+                ledger.exhausted = True
+                return
+            yield batch  # the caller answers and settles it before this generator resumes
+            batch = []
         batch.append(item)
         if len(batch) >= size:
             yield batch
@@ -179,6 +228,7 @@ def run_offline(
     on_answers: Callable[[list[Answer]], None],
     on_failure: Callable[[OfflineItem, str], None],
     stop: Callable[[], bool],
+    ledger: Ledger | None = None,
 ) -> int:
     """Answer every item; ``on_answers`` stores each batch's answers. Returns the number of answers.
 
@@ -187,8 +237,11 @@ def run_offline(
     prompts fail.
     """
     total = 0
-    for batch in _batches(items, batch_size):
+    ledger = ledger if ledger is not None else Ledger()
+    for batch in _batches(items, batch_size, ledger):
         if stop():
+            for item in batch:
+                ledger.settle(item.charge, None)
             break
         try:
             outputs = _chat(llm, teacher, batch)
@@ -203,6 +256,7 @@ def run_offline(
                     outputs.append(None)
         answers: list[Answer] = []
         for item, output in zip(batch, outputs, strict=True):
+            ledger.settle(item.charge, usage_of(output) if output is not None else None)
             if output is not None:
                 answers.extend(answers_from_output(output, item.keys, teacher.logprobs))
         on_answers(answers)

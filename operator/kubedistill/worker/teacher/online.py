@@ -31,6 +31,7 @@ from kubedistill.worker.teacher.limits import RateLimits
 from kubedistill.worker.teacher.plan import Failure, Plan, RunStats, missing_work
 from kubedistill.worker.teacher.progress import Progress
 from kubedistill.worker.teacher.prompts import Prompt, ScanOptions, Source
+from kubedistill.worker.teacher.spend import BudgetExhausted, Ledger
 from kubedistill.worker.teacher.store import AnswerStore
 
 log = logging.getLogger("kubedistill.worker.generate")
@@ -82,10 +83,12 @@ class EndpointPass:
         answers: AnswerStore,
         plan: Plan,
         stats: RunStats,
+        ledger: Ledger,
     ) -> None:
         spec = config.teacher.endpoint
         assert spec is not None
         self.config = config
+        self.ledger = ledger
         self.spec = spec
         self.sources = sources
         self.options = options
@@ -99,6 +102,7 @@ class EndpointPass:
         # Created in run(): asyncio primitives belong to the running loop.
         self.queue: asyncio.Queue[Entry | None]
         self.stop: asyncio.Event  # SIGTERM: ask nothing new
+        self.budget_spent: asyncio.Event  # the budget holds no further request: ask nothing new
         self.closing: asyncio.Event  # shutdown: the flusher's cue to end
         self.flush_wanted: asyncio.Event
         self.client: EndpointClient
@@ -108,6 +112,7 @@ class EndpointPass:
     async def run(self) -> list[Failure]:
         self.queue = asyncio.Queue(maxsize=2 * self.concurrency)
         self.stop, self.closing, self.flush_wanted = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        self.budget_spent = asyncio.Event()
         api_key = os.environ.get(self.config.api_key_env)
         if not api_key:
             log.warning("no teacher API key in $%s: sending requests without one", self.config.api_key_env)
@@ -121,6 +126,7 @@ class EndpointPass:
                 limits,
                 backoff_initial=self.config.backoff_initial_seconds,
                 backoff_max=self.config.backoff_max_seconds,
+                ledger=self.ledger,
             ) as client:
                 self.client = client
                 self.stats.calls = client.stats
@@ -202,7 +208,7 @@ class EndpointPass:
     async def produce(self) -> None:
         work = missing_work(self.sources, self.options, self.answers, with_heartbeats=True)
         for scanned, entry in enumerate(work):
-            if self.stop.is_set():
+            if self.asking_stopped:
                 break
             if entry is not None:
                 await self.queue.put(entry)
@@ -215,15 +221,23 @@ class EndpointPass:
 
     async def work(self) -> None:
         while (entry := await self.queue.get()) is not None:
-            if self.stop.is_set():
-                continue  # drain the queue: nothing new is asked after SIGTERM
+            if self.asking_stopped:
+                continue  # drain the queue: nothing new is asked after SIGTERM or once the budget is spent
             await self.ask(*entry)
+
+    @property
+    def asking_stopped(self) -> bool:
+        return self.stop.is_set() or self.budget_spent.is_set()
 
     async def ask(self, prompt: Prompt, keys: list[str]) -> None:
         self.stats.requested += len(keys)
         self.in_flight += 1
         try:
             got = await self.client.ask(prompt.messages, keys)
+        except BudgetExhausted:
+            self.stats.requested -= len(keys)  # not asked after all
+            self.budget_spent.set()
+            return
         except TeacherCallError as err:
             self.failures.append(Failure(prompt, keys, err.reason))
             log.debug("prompt at %s:%d failed: %s", prompt.uri, prompt.line, err.reason)

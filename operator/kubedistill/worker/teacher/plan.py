@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubedistill.worker.teacher.endpoint import CallStats
-from kubedistill.worker.teacher.limits import token_charge
+from kubedistill.worker.teacher.limits import estimate_prompt_tokens, token_charge
 from kubedistill.worker.teacher.prompts import Prompt, Rejected, ScanOptions, Source, scan
+from kubedistill.worker.teacher.spend import Ledger, Projection, PromptCounter, project
 from kubedistill.worker.teacher.store import AnswerStore, StoreStats
 
 
@@ -33,6 +34,7 @@ class Plan:
     prompts_to_ask: int = 0
     largest_charge: int = 0
     split_overrides: dict[str, Any] = field(default_factory=dict)
+    projection: Projection | None = None  # what the missing answers may cost
 
 
 @dataclass
@@ -56,16 +58,25 @@ class RunStats:
     answered: int = 0
     calls: CallStats | None = None
     store: StoreStats | None = None
+    ledger: Ledger | None = None
 
 
-def make_plan(sources: list[Source], options: ScanOptions, answers: AnswerStore, max_tokens: int) -> Plan:
-    """Pass 1: count everything, find what is missing, and settle the split.
+def make_plan(
+    sources: list[Source],
+    options: ScanOptions,
+    answers: AnswerStore,
+    max_tokens: int,
+    counter: PromptCounter = estimate_prompt_tokens,
+    counted_with: str = "estimate",
+) -> Plan:
+    """Pass 1: count everything, find what is missing, project its cost, and settle the split.
 
     The split is by content hash; with at least two hashed prompts, one is
     moved so that neither split is empty (the one nearest the boundary), which
     keeps tiny prompt sets usable and stays deterministic.
     """
-    plan = Plan()
+    plan = Plan(projection=Projection(max_tokens=max_tokens, counter=counter, counted_with=counted_with))
+    assert plan.projection is not None
     lowest: Prompt | None = None
     highest: Prompt | None = None
     hashed = hashed_eval = 0
@@ -87,9 +98,11 @@ def make_plan(sources: list[Source], options: ScanOptions, answers: AnswerStore,
                 highest = item
         missing = [key for key in item.keys if key not in answers]
         plan.stored += len(item.keys) - len(missing)
+        plan.projection.reused += len(item.keys) - len(missing)
         if missing:
             plan.to_ask += len(missing)
             plan.prompts_to_ask += 1
+            plan.projection.add(item.messages, len(missing))
             plan.largest_charge = max(plan.largest_charge, token_charge(item.messages, len(missing), max_tokens))
     if hashed >= 2 and lowest is not None and highest is not None:
         if hashed_eval == 0:
@@ -118,3 +131,11 @@ def missing_work(
             yield item, missing
         elif with_heartbeats:
             yield None
+
+
+def project_missing(
+    sources: list[Source], options: ScanOptions, answers: AnswerStore, max_tokens: int, counter: PromptCounter
+) -> Projection:
+    """What the answers still missing from the store may cost (after a run stopped at its budget)."""
+    work = ((prompt.messages, len(keys)) for prompt, keys in missing_work(sources, options, answers))
+    return project(work, max_tokens, counter, "estimate")
