@@ -99,7 +99,12 @@ def test_the_sidecars_report_reaches_the_adapters_status(
         running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
         return running[0] if len(running) == 1 else None
 
-    config = wait_for(adapter_set, timeout=90, interval=0.5, what="the pool's adapter set")
+    def with_sql() -> dict[str, Any] | None:
+        found = adapter_set()
+        return found if found and uris["sql-v1"] in found["data"]["adapters.yaml"] else None
+
+    # The pool's first reconcile may write its set before sql joins it; the member's event updates it.
+    config = wait_for(with_sql, timeout=90, interval=0.5, what="sql in the pool's adapter set")
     target = wait_for(pod, timeout=90, interval=0.5, what="the pool's pod Running (kwok)")
     assert ready_condition(cluster, namespace, "sql").get("reason") == "AdapterLoading"  # nobody reports yet
 

@@ -171,7 +171,10 @@ def crds(cluster: Cluster) -> None:
 
 
 @pytest.fixture
-def start_operator(cluster: Cluster, namespace: str, crds: None, tmp_path: Path) -> Iterator[OperatorFactory]:
+def start_operator(
+    cluster: Cluster, namespace: str, crds: None, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[OperatorFactory]:
+    """Operators for the test's namespace; when the test fails, their log tails go to its report."""
     started: list[OperatorProcess] = []
 
     def start(
@@ -192,6 +195,10 @@ def start_operator(cluster: Cluster, namespace: str, crds: None, tmp_path: Path)
     yield start
     for op in started:
         op.stop()
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        for op in started:
+            sys.stderr.write(f"---- {op.log_path.name}, last lines:\n{op.tail(80)}\n")
 
 
 class Run:
