@@ -196,7 +196,8 @@ class Run:
 
 
 def asked_ok(stub: FaultStub) -> Counter[str]:
-    return Counter(e["prompt"] for e in stub.requests() if e["fault"] == "ok")
+    """Answers asked for (the teacher's speed probe, streamed, is counted apart)."""
+    return Counter(e["prompt"] for e in stub.requests() if e["fault"] == "ok" and not e["stream"])
 
 
 def result_of(stage: str, container: Container) -> Any:
@@ -269,7 +270,10 @@ def test_generate_pod_resumes_after_sigterm_and_never_pays_twice(run: Run, gener
     assert generated.eval > 0 and generated.train + generated.eval == len(PROMPTS)
     # Each prompt answered exactly once across both pods; the faulted ones retried first.
     assert asked_ok(run.stub) == Counter(PROMPTS)
-    seen = Counter(e["prompt"] for e in run.stub.requests())
+    seen = Counter(e["prompt"] for e in run.stub.requests() if not e["stream"])
+    # The teacher's speed was probed on held-out prompts only (evaluation.speed), streamed.
+    probed = {e["prompt"] for e in run.stub.requests() if e["stream"]}
+    assert probed and probed <= set(run.held_out_prompts())
     assert {p: seen[p] for p in FAULTS} == {p: len(f) for p, f in FAULTS.items()}
     # The key came from the Secret, through the pod's env, to the teacher.
     assert all(e["auth"] for e in run.stub.requests())

@@ -253,7 +253,15 @@ def make_app(state: _State) -> Any:
         fault, attempt = state.fault_for(prompt)
         auth_ok = state.api_key is None or request.headers.get("Authorization") == f"Bearer {state.api_key}"
         state.log.append(
-            {"t": arrived, "prompt": prompt, "attempt": attempt, "n": body.get("n", 1), "fault": fault, "auth": auth_ok}
+            {
+                "t": arrived,
+                "prompt": prompt,
+                "attempt": attempt,
+                "n": body.get("n", 1),
+                "fault": fault,
+                "auth": auth_ok,
+                "stream": bool(body.get("stream")),
+            }
         )
         if not auth_ok:
             return web.json_response({"error": {"message": "invalid api key", "code": "invalid_api_key"}}, status=401)

@@ -279,10 +279,18 @@ class Pod:
             elif ref := var.get("valueFrom", {}).get("secretKeyRef"):
                 env[var["name"]] = self.secrets[ref["name"]][ref["key"]]
             elif ref := var.get("valueFrom", {}).get("fieldRef"):
-                env[var["name"]] = self.field_values[ref["fieldPath"]]
+                env[var["name"]] = self._field(ref["fieldPath"])
             else:
                 raise PodError(f"{container['name']}: env {var['name']}: unsupported source {var}")
         return env
+
+    def _field(self, path: str) -> str:
+        """A downward API value: given, or the namespace of the pod's ServiceAccount."""
+        if path in self.field_values:
+            return self.field_values[path]
+        if path == "metadata.namespace" and self.service_account is not None:
+            return self.service_account.namespace
+        raise PodError(f"no value for the downward API field {path} (give it in field_values)")
 
     def _security(self, container: dict[str, Any]) -> list[str]:
         pod_sc = self.spec.get("securityContext", {})
