@@ -94,7 +94,9 @@ class OperatorMetrics:
             "kubedistill_teacher_tokens", "Teacher tokens billed to generate stages.", ["type"], registry=r
         )
         self.teacher_cost = Counter(
-            "kubedistill_teacher_cost", "Teacher cost billed to generate stages (teacher.pricing).", ["currency"],
+            "kubedistill_teacher_cost",
+            "Teacher cost billed to generate stages (teacher.pricing).",
+            ["currency"],
             registry=r,
         )
         self.leader = Gauge("kubedistill_leader", "1 on the replica that reconciles, 0 on a standby.", registry=r)
@@ -117,7 +119,7 @@ class OperatorMetrics:
         """The bill as the generate worker metered it (retries included); else the answers' usage."""
         spend = result.spend
         spent = spend.spent if spend is not None else None
-        if spent is None:
+        if spend is None or spent is None:
             self.teacher_tokens.labels("prompt").inc(result.prompt_tokens)
             self.teacher_tokens.labels("completion").inc(result.completion_tokens)
             return

@@ -15,6 +15,7 @@ import secrets
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.support import operator_proc
 from tests.support.cluster import ANN_EXIT_CODE, ANN_HOLD, ANN_MESSAGE, Cluster, wait_for
@@ -277,11 +278,16 @@ def test_multi_node_training_is_an_indexed_job_with_a_rendezvous_service(
     cluster: Cluster, namespace: str, start_operator: OperatorFactory
 ) -> None:
     op = start_operator({"train": {ANN_HOLD: "true"}})
-    run = Run(cluster, namespace, "wide", op).apply(distillation_job("wide", nodes=2, gpus_per_node=2))
+    manifest = distillation_job("wide", nodes=2, gpus_per_node=2)
+    manifest["spec"]["student"]["training"] = {"strategy": "fsdp"}
+    run = Run(cluster, namespace, "wide", op).apply(manifest)
     status = run.wait(lambda s: (s.get("stages") or {}).get("train", {}).get("phase") == "Running", "train running")
     job_name = status["stages"]["train"]["job"]
     job = run.batch.read_namespaced_job(job_name, namespace)
     assert (job.spec.completion_mode, job.spec.completions, job.spec.parallelism) == ("Indexed", 2, 2)
+    # every rank reads the FSDP strategy from the stage's config
+    config = yaml.safe_load(run.core.read_namespaced_config_map(job_name, namespace).data["train.yaml"])
+    assert config["student"]["training"]["strategy"] == "fsdp"
     service = run.core.read_namespaced_service(job_name, namespace)
     assert service.spec.cluster_ip == "None" and service.spec.publish_not_ready_addresses is True
     wait_for(lambda: len([p for p in run.pods("train") if p.status.phase == "Running"]) == 2, what="2 train pods")
@@ -301,5 +307,34 @@ def test_multi_node_training_is_an_indexed_job_with_a_rendezvous_service(
     for pod in pods:
         run.core.patch_namespaced_pod(
             pod.metadata.name, namespace, {"metadata": {"annotations": {ANN_HOLD: "false", **OK["train"]}}}
+        )
+    run.wait_phase("Succeeded")
+
+
+def test_sharded_generation_is_an_indexed_job_of_independent_shards(
+    cluster: Cluster, namespace: str, start_operator: OperatorFactory
+) -> None:
+    op = start_operator({"generate": {ANN_HOLD: "true"}})
+    manifest = distillation_job("sharded")
+    manifest["spec"]["teacher"]["shards"] = 3
+    run = Run(cluster, namespace, "sharded", op).apply(manifest)
+    status = run.wait(
+        lambda s: (s.get("stages") or {}).get("generate", {}).get("phase") == "Running", "generate running"
+    )
+    job_name = status["stages"]["generate"]["job"]
+    job = run.batch.read_namespaced_job(job_name, namespace)
+    assert (job.spec.completion_mode, job.spec.completions, job.spec.parallelism) == ("Indexed", 3, 3)
+    wait_for(lambda: len([p for p in run.pods("generate") if p.status.phase == "Running"]) == 3, what="3 shards")
+    pods = run.pods("generate")
+    indexes = sorted(p.metadata.annotations["batch.kubernetes.io/job-completion-index"] for p in pods)
+    assert indexes == ["0", "1", "2"]
+    for pod in pods:  # the Job's uid, through the downward API: names the run's shard reports
+        env = {e.name: e for e in pod.spec.containers[0].env}
+        field = env["KUBEDISTILL_SHARD_RUN"].value_from.field_ref.field_path
+        assert field == "metadata.labels['batch.kubernetes.io/controller-uid']"
+        assert pod.metadata.labels["batch.kubernetes.io/controller-uid"] == job.metadata.uid
+    for pod in pods:
+        run.core.patch_namespaced_pod(
+            pod.metadata.name, namespace, {"metadata": {"annotations": {ANN_HOLD: "false", **OK["generate"]}}}
         )
     run.wait_phase("Succeeded")

@@ -226,6 +226,27 @@ INVALID: tuple[Invalid, ...] = (
         pydantic=("teacher.budget.maxCost needs teacher.pricing",),
     ),
     Invalid(
+        "zero-shards",
+        valid_job,
+        (_set("spec.teacher.shards", 0),),
+        server=("spec.teacher.shards", "should be greater than or equal to 1"),
+        pydantic=("shards", "greater than or equal to 1"),
+    ),
+    Invalid(
+        "too-many-shards",
+        valid_job,
+        (_set("spec.teacher.shards", 65),),
+        server=("spec.teacher.shards", "should be less than or equal to 64"),
+        pydantic=("shards", "less than or equal to 64"),
+    ),
+    Invalid(
+        "shards-of-a-batch-teacher",
+        valid_job,
+        (_set("spec.teacher.shards", 2), _set("spec.teacher.endpoint.mode", "batch")),
+        server=("spec.teacher", "teacher.shards > 1 needs an online endpoint or a vllm teacher", "shards: 1"),
+        pydantic=("teacher.shards > 1 needs an online endpoint or a vllm teacher",),
+    ),
+    Invalid(
         "negative-price",
         valid_job,
         (_set("spec.teacher.pricing", {"inputPerMillion": -1, "outputPerMillion": 10}),),

@@ -233,6 +233,10 @@ _ONE_TEACHER = (
     "set exactly one of spec.teacher.endpoint (an OpenAI-compatible API) or spec.teacher.vllm (an in-cluster model)"
 )
 _COST_NEEDS_PRICES = "teacher.budget.maxCost needs teacher.pricing (the price of a token); or set budget.maxTokens"
+_SHARDS_NOT_BATCH = (
+    "teacher.shards > 1 needs an online endpoint or a vllm teacher: a Batch API teacher queues every request "
+    "at once already (set teacher.shards: 1, or teacher.endpoint.mode: online)"
+)
 
 
 class TeacherSpec(ApiModel):
@@ -246,6 +250,11 @@ class TeacherSpec(ApiModel):
                     _ONE_TEACHER,
                 ),
                 cel("!has(self.budget) || !has(self.budget.maxCost) || has(self.pricing)", _COST_NEEDS_PRICES),
+                cel(
+                    "!has(self.shards) || self.shards == 1 || !has(self.endpoint) || "
+                    "!has(self.endpoint.mode) || self.endpoint.mode != 'batch'",
+                    _SHARDS_NOT_BATCH,
+                ),
             ]
         }
     }
@@ -263,6 +272,16 @@ class TeacherSpec(ApiModel):
         description="Capture this many top logprobs per answer token (0 or unset: none), stored compactly with "
         "the answers; student.objective kd trains on them.",
     )
+    shards: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Generate pods answering in parallel (an Indexed Job): each takes the prompts whose content "
+        "hash falls in its shard, into the same answer store; shard 0 writes the dataset once all are done. "
+        "A vllm teacher runs one engine per pod (each with teacher.vllm.gpus); an endpoint teacher's rate "
+        "limits (requestsPerMinute, tokensPerMinute) and the budget are divided between the shards, "
+        "maxConcurrency is per pod.",
+    )
     pricing: TeacherPricing | None = Field(
         default=None, description="The teacher's price per million tokens: spend is then also a cost."
     )
@@ -276,6 +295,8 @@ class TeacherSpec(ApiModel):
             raise ValueError(_ONE_TEACHER)
         if self.budget is not None and self.budget.max_cost is not None and self.pricing is None:
             raise ValueError(_COST_NEEDS_PRICES)
+        if self.shards > 1 and self.endpoint is not None and self.endpoint.mode == "batch":
+            raise ValueError(_SHARDS_NOT_BATCH)
         return self
 
     @property

@@ -21,6 +21,10 @@ from kubedistill.api.savings import SpeedComparison, SpeedReport, SpeedSpec, Tea
 from kubedistill.api.v1alpha1 import EvaluationSpec, Objective, Sampling, StudentSpec, TeacherSpec
 
 TEACHER_API_KEY_ENV = "KUBEDISTILL_TEACHER_API_KEY"
+# teacher.shards: the pod's shard (an Indexed Job sets JOB_COMPLETION_INDEX in every pod) and the
+# Job's uid (from the pod's controller-uid label), which names the run's shard reports.
+SHARD_INDEX_ENV = "JOB_COMPLETION_INDEX"
+SHARD_RUN_ENV = "KUBEDISTILL_SHARD_RUN"
 CONFIG_DIR = "/etc/kubedistill"
 TERMINATION_LOG = "/dev/termination-log"
 # How a worker process ends (the operator reads the code from the pod, local mode from the process):
@@ -46,6 +50,9 @@ class ProgressTarget(ApiModel):
     namespace: str | None = Field(default=None, description="Namespace of that ConfigMap.")
     file: str | None = Field(default=None, description="Local mode: a JSON file, rewritten at each report.")
     job: str | None = Field(default=None, description="The stage's Job: reports carry it, so stale ones are ignored.")
+    shard: int | None = Field(
+        default=None, ge=0, description="teacher.shards: this pod's shard; its reports go under '<stage>.<shard>'."
+    )
     interval_seconds: float = Field(default=30.0, ge=1.0, le=3600, description="Seconds between reports.")
 
 
@@ -56,6 +63,7 @@ class StageProgress(ApiModel):
 
     stage: Stage
     job: str | None = Field(default=None, description="The Job that reports (see ProgressTarget.job).")
+    shard: int | None = Field(default=None, ge=0, description="The shard that reports (teacher.shards), if any.")
     done: float = Field(ge=0, description="Units done so far (answers, optimizer steps, examples).")
     total: float | None = Field(default=None, ge=0, description="Units in all, where known.")
     unit: str = Field(description="What is counted: answers, steps or examples.")
@@ -67,6 +75,36 @@ class StageProgress(ApiModel):
         "tokensPerSecond, checkpointStep (train).",
     )
     updated_at: str = Field(description="When the worker wrote it (RFC 3339, UTC).")
+
+    @property
+    def key(self) -> str:
+        """Its key in the progress ConfigMap: the stage, or '<stage>.<shard>' for one shard of several."""
+        return self.stage if self.shard is None else f"{self.stage}.{self.shard}"
+
+    @classmethod
+    def combined(cls, shards: list[StageProgress]) -> StageProgress:
+        """The reports of a stage's shards as one: counts and rates added, the slowest shard's ETA, and
+        each shard's percentage in ``details.shards`` (e.g. '0 41%, 1 38%, 2 done')."""
+        ordered = sorted(shards, key=lambda r: r.shard or 0)
+        first = ordered[0]
+        totals = [r.total for r in ordered]
+        rates = [r.rate for r in ordered if r.rate is not None]
+        etas = [r.eta_seconds for r in ordered if r.eta_seconds is not None]
+        each = ", ".join(
+            f"{r.shard} " + ("?" if r.fraction is None else "done" if r.fraction >= 1 else f"{r.fraction:.0%}")
+            for r in ordered
+        )
+        return first.model_copy(
+            update={
+                "shard": None,
+                "done": sum(r.done for r in ordered),
+                "total": None if any(t is None for t in totals) else sum(t or 0 for t in totals),
+                "rate": sum(rates) if rates else None,
+                "eta_seconds": max(etas) if etas else None,
+                "details": {"shards": each},
+                "updated_at": max(r.updated_at for r in ordered),
+            }
+        )
 
     @property
     def fraction(self) -> float | None:
@@ -85,7 +123,9 @@ class StageProgress(ApiModel):
             parts.append(f"loss {loss:.3f}")
         if self.eta_seconds is not None:
             parts.append(f"ETA {format_duration(self.eta_seconds)}")
-        return ", ".join(parts)
+        shards = self.details.get("shards")
+        line = ", ".join(parts)
+        return f"{line} (shards: {shards})" if shards else line
 
 
 def format_duration(seconds: float) -> str:
@@ -137,6 +177,9 @@ class GenerateConfig(ApiModel):
         default=5.0, gt=0, description="... or once the oldest waiting answer is this old: what a SIGKILL can lose."
     )
     shard_records: int = Field(default=10000, ge=1, description="Most records per dataset shard.")
+    shard_poll_seconds: float = Field(
+        default=5.0, gt=0, description="teacher.shards: how often shard 0 looks for the other shards' reports."
+    )
     progress: ProgressTarget = Field(
         default_factory=ProgressTarget, description="Where live progress goes (and the interval of its log lines)."
     )

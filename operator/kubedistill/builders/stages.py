@@ -24,6 +24,7 @@ from kubedistill.api.worker_config import (
     EXIT_FAILED,
     EXIT_PREEMPTED,
     GRACE_SECONDS_ENV,
+    SHARD_RUN_ENV,
     TEACHER_API_KEY_ENV,
     TERMINATION_LOG,
     EvaluateConfig,
@@ -299,6 +300,10 @@ def _env(plan: RunPlan, stage: Stage, placement: Placement, settings: OperatorSe
     if _asks_teacher(plan, stage) and spec.teacher.endpoint is not None and spec.teacher.endpoint.api_key_secret_ref:
         env.append(secret_env(TEACHER_API_KEY_ENV, spec.teacher.endpoint.api_key_secret_ref))
     env.extend(storage_env(spec.storage))
+    if generate_shards(plan, stage) > 1:
+        # The shard's index is JOB_COMPLETION_INDEX (the Job controller sets it); the Job's uid names
+        # the run's shard reports, so those of an earlier Job are never read.
+        env.append({"name": SHARD_RUN_ENV, "valueFrom": {"fieldRef": {"fieldPath": JOB_UID_LABEL_FIELD}}})
     if placement.nodes > 1:
         job_name = plan.job_name(stage)
         env += [
@@ -312,6 +317,14 @@ def _env(plan: RunPlan, stage: Stage, placement: Placement, settings: OperatorSe
             {"name": "MASTER_PORT", "value": str(settings.jobs.rendezvous_port)},
         ]
     return env
+
+
+JOB_UID_LABEL_FIELD = "metadata.labels['batch.kubernetes.io/controller-uid']"
+
+
+def generate_shards(plan: RunPlan, stage: Stage) -> int:
+    """Pods of the generate stage's Indexed Job (teacher.shards); 1 for every other stage."""
+    return plan.job.spec.teacher.shards if stage == "generate" else 1
 
 
 def _resources(placement: Placement, settings: OperatorSettings) -> dict[str, Any]:
@@ -463,6 +476,10 @@ def build_stage_job(plan: RunPlan, stage: Stage, settings: OperatorSettings) -> 
     }
     if placement.nodes > 1:
         job_spec |= {"completionMode": "Indexed", "completions": placement.nodes, "parallelism": placement.nodes}
+    elif (shards := generate_shards(plan, stage)) > 1:
+        # Shards are independent: a lost pod is replaced and resumes its shard alone (the failure
+        # policy of a single pod applies to each), and shard 0 reports for the Job.
+        job_spec |= {"completionMode": "Indexed", "completions": shards, "parallelism": shards}
     if settings.jobs.active_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = settings.jobs.active_deadline_seconds
     return {

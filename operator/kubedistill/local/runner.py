@@ -182,6 +182,8 @@ def stage_configs(
             path.write_text(config_map_value(docs, ref.name, ref.key))
             configs["generate"][field_name] = str(path)
     configs["evaluate"]["engine"] = options.evaluate_engine
+    # One machine asks from one process: the shards' answers and dataset would be the same.
+    configs["generate"]["teacher"].pop("shards", None)
     for stage in STAGES:
         configs[stage]["workDir"] = str(run_dir / "work" / stage)
         # Progress goes to a file the runner shows live, instead of the DistillationJob's ConfigMap.

@@ -12,11 +12,12 @@ it reads from::
 So editing ``student.training.epochs`` changes train, evaluate and run but not
 generate: the new run reuses the teacher dataset and nobody pays the teacher twice.
 
-The spend settings (``teacher.budget``, ``teacher.pricing``, ``teacher.endpoint.mode`` and
-``batch``, ``evaluation.speed``) decide how the teacher is paid and measured, not what it
-answers: they name the generate Job (raising the budget of a run that stopped at it starts a
-new Job, which asks only for what is missing) but not the dataset's location, so nothing
-downstream of the dataset is trained or evaluated again because of them.
+The spend settings (``teacher.budget``, ``teacher.pricing``, ``teacher.shards``,
+``teacher.endpoint.mode`` and ``batch``, ``evaluation.speed``) decide how the teacher is paid,
+spread over pods and measured, not what it answers: they name the generate Job (raising the
+budget of a run that stopped at it starts a new Job, which asks only for what is missing) but
+not the dataset's location, so nothing downstream of the dataset is trained or evaluated again
+because of them.
 
 Operational knobs (concurrency, rate limits, timeouts, retries, Secret names, tensor
 parallelism, placement) change how a stage runs, not what it produces, and are left
@@ -51,7 +52,8 @@ _OPERATIONAL_ENDPOINT_FIELDS = {
     "mode",
     "batch",
 }
-_SPEND_TEACHER_FIELDS = {"pricing", "budget"}
+# How the answers are paid for and spread over pods: they name the generate Job, not the dataset.
+_SPEND_TEACHER_FIELDS = {"pricing", "budget", "shards"}
 _OPERATIONAL_VLLM_FIELDS = {"tensor_parallel_size", "gpus"}
 
 

@@ -114,7 +114,9 @@ def observe_job(body: Mapping[str, Any]) -> ObservedJob:
         key=labels.get(names.LABEL_STAGE_KEY),
         phase=phase,
         attempt=int(labels.get(names.LABEL_ATTEMPT, "0") or 0),
-        group=((body.get("spec") or {}).get("completions") or 1) > 1,
+        # Several pods that stand or fall together: multi-node training. Generate shards are
+        # independent (each resumes alone), so their Indexed Job is no group.
+        group=((body.get("spec") or {}).get("completions") or 1) > 1 and labels.get(names.LABEL_STAGE) != "generate",
         start_time=status.get("startTime"),
         completion_time=completion,
         reason=reason,
@@ -230,13 +232,25 @@ def parse_result(stage: str, message: str | None) -> BaseModel | None:
 
 
 def parse_progress(data: Mapping[str, Any] | None) -> dict[str, StageProgress]:
-    """The progress ConfigMap's reports by stage; a key that does not parse is ignored (a worker's bug)."""
+    """The progress ConfigMap's reports by stage; a key that does not parse is ignored (a worker's bug).
+
+    The shards of a sharded stage report under '<stage>.<shard>': their latest reports of the
+    same Job are combined into one (StageProgress.combined).
+    """
     reports: dict[str, StageProgress] = {}
-    for stage, text in (data or {}).items():
+    shards: dict[str, list[StageProgress]] = {}
+    for key, text in (data or {}).items():
         try:
             report = StageProgress.model_validate_json(str(text))
         except ValidationError:
             continue
-        if report.stage == stage:
-            reports[stage] = report
+        if report.key != key:
+            continue
+        if report.shard is None:
+            reports[report.stage] = report
+        else:
+            shards.setdefault(report.stage, []).append(report)
+    for stage, parts in shards.items():
+        newest = max(parts, key=lambda r: r.updated_at).job
+        reports[stage] = StageProgress.combined([r for r in parts if r.job == newest])
     return reports

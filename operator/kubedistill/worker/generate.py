@@ -46,6 +46,7 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,14 @@ from kubedistill.worker.teacher.offline_pass import OfflineTeacher, ask_offline
 from kubedistill.worker.teacher.online import EndpointPass
 from kubedistill.worker.teacher.plan import Failure, Plan, RunStats, make_plan, project_missing
 from kubedistill.worker.teacher.prompts import Prompt, Rejected, ScanOptions, Source, scan
+from kubedistill.worker.teacher.shards import (
+    Shard,
+    ShardReport,
+    combined_spend,
+    shard_teacher,
+    wait_for_reports,
+    write_report,
+)
 from kubedistill.worker.teacher.spend import (
     Ledger,
     PromptCounter,
@@ -104,10 +113,13 @@ log = logging.getLogger("kubedistill.worker.generate")
 
 def main(config: GenerateConfig) -> dict[str, Any]:
     result, _ = run(config)
+    if isinstance(result, ShardReport):  # shard 1..N-1: shard 0 reports for the Job
+        return {"shard": result.index, "requested": result.requested, "reused": result.reused,
+                "failed": len(result.failures)}  # fmt: skip
     return result.to_wire()
 
 
-def run(config: GenerateConfig) -> tuple[GenerateResult, RunStats]:
+def run(config: GenerateConfig) -> tuple[GenerateResult | ShardReport, RunStats]:
     stats = RunStats()
     Path(config.work_dir).mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="generate-", dir=config.work_dir))
@@ -117,7 +129,7 @@ def run(config: GenerateConfig) -> tuple[GenerateResult, RunStats]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _run(config: GenerateConfig, work: Path, stats: RunStats) -> GenerateResult:
+def _run(config: GenerateConfig, work: Path, stats: RunStats) -> GenerateResult | ShardReport:
     teacher = config.teacher
     sources = fetch_sources(config, work)
     answers = load_answers(config, stats)
@@ -136,10 +148,21 @@ def _generate(
     sources: list[Source],
     answers: AnswerStore,
     offline: OfflineTeacher | None,
-) -> GenerateResult:
+) -> GenerateResult | ShardReport:
+    whole = config.teacher
+    shard = Shard.from_env(whole.shards)
+    if shard.sharded:
+        log.info("%s (Job %s): asking for its prompts only, with 1/%d of the limits and budget", shard, shard.run,
+                 shard.count)  # fmt: skip
+        config = config.model_copy(
+            update={
+                "teacher": shard_teacher(whole, shard.count),
+                "progress": config.progress.model_copy(update={"shard": shard.index}),
+            }
+        )
     teacher = config.teacher
     counter, counted_with = prompt_counter(offline.tokenizer() if offline is not None else None)
-    plan, options = plan_run(config, sources, answers, stats, counter, counted_with)
+    plan, options = plan_run(config, sources, answers, stats, counter, counted_with, shard)
     ledger = stats.ledger = new_ledger(teacher)
     assert plan.projection is not None
     projected = plan.projection.result(ledger.prices)
@@ -167,13 +190,38 @@ def _generate(
         write_spend(config, TeacherSpend.model_validate(stopped.payload["spend"]))
         raise stopped
 
+    reasons = {key: failure.reason for failure in failures for key in failure.keys}
+    spend = spend_report(teacher, ledger, projected, plan.stored)
+    if shard.sharded:
+        own = ShardReport(index=shard.index, requested=stats.requested, reused=plan.stored, failures=reasons,
+                          spend=spend)  # fmt: skip
+        if shard.index > 0:
+            write_report(store_for(config.output_uri, config), config.output_uri, shard, own)
+            return own
+        reports = [own, *collect_shards(config, shard)]
+        answers = load_answers(config, stats)  # every shard's answers
+        plan.stored, stats.requested = sum(r.reused for r in reports), sum(r.requested for r in reports)
+        reasons = {key: reason for r in reports for key, reason in r.failures.items()}
+        spend = combined_spend(whole, [r.spend for r in reports]) or spend
+        config = config.model_copy(update={"teacher": whole})
+
     start = time.monotonic()
-    result = write_dataset(config, sources, options, answers, plan, failures, stats, work)
+    result = write_dataset(config, sources, options, answers, plan, reasons, stats, work)
     stats.write_seconds = time.monotonic() - start
     result.teacher_speed = measure_teacher(config, sources, options, ledger, offline)
-    result.spend = spend_report(teacher, ledger, projected, plan.stored)
+    result.spend = spend
     write_spend(config, result.spend)
     return result
+
+
+def collect_shards(config: GenerateConfig, shard: Shard) -> list[ShardReport]:
+    """Shard 0: wait (SIGTERM stops the wait) for the other shards' reports of this Job."""
+    from kubedistill.worker.teacher.offline import StopFlag
+
+    with StopFlag() as stop:
+        return wait_for_reports(
+            store_for(config.output_uri, config), config.output_uri, shard, config.shard_poll_seconds, stop
+        )
 
 
 def write_spend(config: GenerateConfig, spend: TeacherSpend) -> None:
@@ -207,11 +255,14 @@ def plan_run(
     stats: RunStats,
     counter: PromptCounter,
     counted_with: str,
+    shard: Shard | None = None,
 ) -> tuple[Plan, ScanOptions]:
     """Pass 1, logged; a prompt set with nothing usable is an error."""
     teacher = config.teacher
     start = time.monotonic()
     options = scan_options(config)
+    if shard is not None and shard.sharded:
+        options.owns = shard.owns
     plan = make_plan(sources, options, answers, teacher.sampling.max_tokens, counter, counted_with)
     options.split_overrides = plan.split_overrides
     stats.plan_seconds = time.monotonic() - start
@@ -340,12 +391,14 @@ def write_dataset(
     options: ScanOptions,
     answers: AnswerStore,
     plan: Plan,
-    failures: list[Failure],
+    reasons: Mapping[str, str],
     stats: RunStats,
     work: Path,
 ) -> GenerateResult:
-    """Pass 3: shards in input order, failures.jsonl, and, if the failures are tolerable, the manifest."""
-    reasons = {key: failure.reason for failure in failures for key in failure.keys}
+    """Pass 3: shards in input order, failures.jsonl, and, if the failures are tolerable, the manifest.
+
+    ``reasons``: why the teacher did not answer a key (what failures.jsonl says of it).
+    """
     writer = DatasetWriter(
         store_for(config.output_uri, config), config.output_uri, work / "shards", config.shard_records
     )

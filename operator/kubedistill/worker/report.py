@@ -71,7 +71,7 @@ class ConfigMapSink:
         return self._api
 
     def write(self, progress: StageProgress) -> None:
-        body = {"data": {progress.stage: json.dumps(progress.to_wire(), separators=(",", ":"))}}
+        body = {"data": {progress.key: json.dumps(progress.to_wire(), separators=(",", ":"))}}
         self._client().patch_namespaced_config_map(self.name, self.namespace, body, _request_timeout=10)
 
 
@@ -123,6 +123,7 @@ class ProgressReporter:
         return StageProgress(
             stage=self.stage,
             job=self.target.job,
+            shard=self.target.shard,
             done=done,
             total=self.total,
             unit=self.unit,

@@ -96,6 +96,8 @@ def make_plan(
                 lowest = item
             if highest is None or item.split_value > highest.split_value:
                 highest = item
+        if not options.asks_for(item):
+            continue  # another shard's prompt: it asks, stores and counts it
         missing = [key for key in item.keys if key not in answers]
         plan.stored += len(item.keys) - len(missing)
         plan.projection.reused += len(item.keys) - len(missing)
@@ -126,7 +128,9 @@ def missing_work(
     caller can give the event loop a turn while it skips.
     """
     for item in scan(sources, options):
-        missing = [key for key in item.keys if key not in answers] if isinstance(item, Prompt) else []
+        missing: list[str] = []
+        if isinstance(item, Prompt) and options.asks_for(item):
+            missing = [key for key in item.keys if key not in answers]
         if missing:
             yield item, missing
         elif with_heartbeats:

@@ -21,7 +21,7 @@ pass (plan, ask, write) instead of holding millions of prompts in memory.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -86,6 +86,11 @@ class ScanOptions:
     settings: dict[str, Any]
     max_examples: int | None = None
     split_overrides: Mapping[str, Split] = field(default_factory=dict)
+    # teacher.shards: whether this process asks for a prompt (by its key); None: every prompt
+    owns: Callable[[str], bool] | None = None
+
+    def asks_for(self, prompt: Prompt) -> bool:
+        return self.owns is None or self.owns(prompt.prompt_key)
 
 
 def parse_record(record: Any) -> tuple[str | None, list[tuple[str, str]]]:
