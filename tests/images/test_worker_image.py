@@ -281,7 +281,9 @@ def test_generate_pod_resumes_after_sigterm_and_never_pays_twice(run: Run, gener
     assert manifest.digest == generated.digest and manifest.counts.prompts == len(PROMPTS)
     # The pod's last report reached the job's progress ConfigMap through the API server.
     report = run.progress()["generate"]
-    assert (report["done"], report["total"], report["unit"]) == (len(PROMPTS), len(PROMPTS), "answers"), report
+    # The second pod asked for the rest: its total is what it had to ask, the answers stored are reused.
+    assert (report["done"], report["total"], report["unit"]) == (generated.requested,) * 2 + ("answers",), report
+    assert report["details"]["reused"] == generated.reused, report
 
 
 @pytest.fixture(scope="module")
