@@ -21,12 +21,14 @@ from pydantic import Field
 
 from kubedistill.api import chartgen
 from kubedistill.api.base import ApiModel
+from kubedistill.settings import OperatorSettings
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "kubedistill"
 SCHEMA_TEXT = (CHART / "values.schema.json").read_text()
 SCHEMA: dict[str, Any] = json.loads(SCHEMA_TEXT)
 VALUES: dict[str, Any] = yaml.safe_load((CHART / "values.yaml").read_text())
+MODEL = "kubedistill.settings:OperatorSettings"  # what hack/gen-crds passes
 
 
 def _load_readme_generator() -> ModuleType:
@@ -51,14 +53,14 @@ def _errors(values: dict[str, Any]) -> list[str]:
 
 
 def test_committed_settings_schema_is_generated() -> None:
-    assert SCHEMA["properties"]["settings"] == chartgen.settings_schema(), "run hack/gen-crds"
-    assert chartgen.render_values_schema(SCHEMA_TEXT) == SCHEMA_TEXT, "run hack/gen-crds"
+    assert SCHEMA["properties"]["settings"] == chartgen.settings_schema(OperatorSettings), "run hack/gen-crds"
+    assert chartgen.render_values_schema(SCHEMA_TEXT, OperatorSettings) == SCHEMA_TEXT, "run hack/gen-crds"
 
 
 def test_generator_keeps_the_hand_written_parts() -> None:
     edited = copy.deepcopy(SCHEMA)
     edited["properties"]["settings"] = {"type": "object"}
-    regenerated = json.loads(chartgen.render_values_schema(json.dumps(edited)))
+    regenerated = json.loads(chartgen.render_values_schema(json.dumps(edited), OperatorSettings))
     assert regenerated == SCHEMA
 
 
@@ -132,12 +134,19 @@ def test_other_unions_are_refused() -> None:
 def test_chartgen_check_and_write(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     file = tmp_path / "values.schema.json"
     file.write_text(SCHEMA_TEXT)
-    assert chartgen.main(["--check", "--file", str(file)]) == 0
+    assert chartgen.main(["--model", MODEL, "--check", "--file", str(file)]) == 0
     file.write_text(SCHEMA_TEXT.replace("Image of every stage pod.", "edited by hand"))
-    assert chartgen.main(["--check", "--file", str(file)]) == 1
+    assert chartgen.main(["--model", MODEL, "--check", "--file", str(file)]) == 1
     assert "run hack/gen-crds" in capsys.readouterr().err
-    assert chartgen.main(["--file", str(file)]) == 0
+    assert chartgen.main(["--model", MODEL, "--file", str(file)]) == 0
     assert file.read_text() == SCHEMA_TEXT
+
+
+def test_the_model_is_named_module_colon_class() -> None:
+    assert chartgen.load_model(MODEL) is OperatorSettings
+    assert MODEL in (REPO / "hack" / "gen-crds").read_text()
+    with pytest.raises(ValueError, match="not a pydantic model"):
+        chartgen.load_model("kubedistill.settings:load_settings")
 
 
 # --------------------------------------------------------------------------- README

@@ -1,11 +1,13 @@
 """Generate the ``settings`` part of the Helm chart's values.schema.json from ``OperatorSettings``.
 
-    python -m kubedistill.api.chartgen           # rewrite charts/kubedistill/values.schema.json
-    python -m kubedistill.api.chartgen --check   # exit 1 when the committed schema drifts
+    python -m kubedistill.api.chartgen --model kubedistill.settings:OperatorSettings           # rewrite it
+    python -m kubedistill.api.chartgen --model kubedistill.settings:OperatorSettings --check   # exit 1 on drift
 
-(``hack/gen-crds`` runs both, from the repository root.) Only ``properties.settings`` is
-generated; the rest of the schema (image, rbac, operator, metrics, ...) is hand-written and
-kept as it is.
+``hack/gen-crds`` runs it from the repository root. Only ``properties.settings`` of
+charts/kubedistill/values.schema.json is generated; the rest of the schema (image, rbac,
+operator, metrics, ...) is hand-written and kept as it is. The model is named on the command
+line (``--model``), not imported here: ``api`` is the lowest layer and imports nothing above it,
+and OperatorSettings lives in ``builders``.
 
 The chart's schema is JSON Schema draft-07, checked by Helm, so unlike the CRDs (see
 ``crdgen``) it keeps what JSON Schema can say:
@@ -24,19 +26,20 @@ The chart's schema is JSON Schema draft-07, checked by Helm, so unlike the CRDs 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from kubedistill.api.crdgen import _ordered, _resolve
-from kubedistill.builders.settings import OperatorSettings
 
 Schema = dict[str, Any]
 
 VALUES_SCHEMA = Path("charts/kubedistill/values.schema.json")
-GENERATED = "Generated from OperatorSettings (operator/kubedistill/builders/settings.py) by hack/gen-crds. Do not edit."
 _DROPPED_KEYS = frozenset({"title", "default", "$defs"})
 
 
@@ -83,28 +86,39 @@ def chart_schema(node: Schema, defs: dict[str, Schema]) -> Schema:
     return _ordered(out)
 
 
-def settings_schema() -> Schema:
-    """The ``properties.settings`` node of values.schema.json."""
-    schema = OperatorSettings.model_json_schema(by_alias=True)
-    return {"$comment": GENERATED, **chart_schema(schema, schema.get("$defs", {}))}
+def settings_schema(model: type[BaseModel]) -> Schema:
+    """The ``properties.settings`` node of values.schema.json: ``model``'s schema, camelCase."""
+    schema = model.model_json_schema(by_alias=True)
+    generated = f"Generated from {model.__module__}.{model.__qualname__} by hack/gen-crds. Do not edit."
+    return {"$comment": generated, **chart_schema(schema, schema.get("$defs", {}))}
 
 
-def render_values_schema(text: str) -> str:
-    """values.schema.json's text with its ``settings`` part generated, the rest as it was."""
+def render_values_schema(text: str, model: type[BaseModel]) -> str:
+    """values.schema.json's text with its ``settings`` part generated from ``model``, the rest as it was."""
     schema = json.loads(text)
-    schema["properties"]["settings"] = settings_schema()
+    schema["properties"]["settings"] = settings_schema(model)
     return json.dumps(schema, indent=2) + "\n"
+
+
+def load_model(name: str) -> type[BaseModel]:
+    """The pydantic model named ``module:Class``."""
+    module, _, attribute = name.partition(":")
+    model = getattr(importlib.import_module(module), attribute, None)
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        raise ValueError(f"{name} is not a pydantic model (expected module:Class)")
+    return model
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m kubedistill.api.chartgen", description="Generate the settings part of values.schema.json."
     )
+    parser.add_argument("--model", required=True, help="module:Class, e.g. kubedistill.settings:OperatorSettings")
     parser.add_argument("--file", type=Path, default=VALUES_SCHEMA, help=f"default: {VALUES_SCHEMA}")
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 when the file differs")
     args = parser.parse_args(argv)
     committed = args.file.read_text()
-    generated = render_values_schema(committed)
+    generated = render_values_schema(committed, load_model(args.model))
     if committed == generated:
         return 0
     if args.check:
