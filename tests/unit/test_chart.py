@@ -132,8 +132,11 @@ def _compare(ours: dict[str, Any], theirs: dict[str, Any], root: dict[str, Any],
     if not our_types - {"null"} or our_types - their_types or (their_types - {"null"}) - our_types:
         problems.append(f"{where}: types {sorted(map(str, our_types))} vs {sorted(their_types)}")
     for key in CONSTRAINTS:
-        if key in theirs and ours.get(key) != theirs[key]:
-            problems.append(f"{where}: {key} {ours.get(key)!r} != {theirs[key]!r}")
+        mine = ours.get(key)
+        if key == "enum" and "null" in our_types and mine is not None:
+            mine = [v for v in mine if v is not None]  # X | None: null is one of the values
+        if key in theirs and mine != theirs[key]:
+            problems.append(f"{where}: {key} {mine!r} != {theirs[key]!r}")
     if "items" in theirs:
         problems += _compare(ours.get("items", {}), theirs["items"], root, f"{where}[]")
     if "propertyNames" in theirs:  # dict[Literal[...], X]: a fixed set of optional keys
