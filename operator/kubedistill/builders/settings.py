@@ -11,9 +11,9 @@ above them); ``kubedistill.settings`` loads it from a file and the environment.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, StringConstraints, field_validator
 
 from kubedistill import __version__
 from kubedistill.api.base import ApiModel
@@ -22,6 +22,7 @@ from kubedistill.api.v1alpha1 import QUANTITY_PATTERN, Toleration
 H100_PRODUCT = "NVIDIA-H100-80GB-HBM3"
 GPU_RESOURCE = "nvidia.com/gpu"
 
+NAMESPACE_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"  # a DNS label (RFC 1123)
 StageName = Literal["generate", "train", "evaluate"]
 
 
@@ -168,7 +169,20 @@ class ProgressSettings(ApiModel):
 class OperatorSettings(ApiModel):
     """Everything the operator needs to know about the cluster it runs in."""
 
-    namespaces: list[str] = Field(default_factory=list, description="Namespaces to watch; empty watches all.")
+    namespaces: list[Annotated[str, StringConstraints(pattern=NAMESPACE_PATTERN, max_length=63)]] = Field(
+        default_factory=list,
+        json_schema_extra={"uniqueItems": True},
+        description="Namespaces to watch, each a DNS label such as ml-team; empty watches all.",
+    )
+
+    @field_validator("namespaces")
+    @classmethod
+    def _each_namespace_once(cls, value: list[str]) -> list[str]:
+        repeated = sorted({ns for ns in value if value.count(ns) > 1})
+        if repeated:
+            raise ValueError(f"namespaces lists {', '.join(repeated)} more than once")
+        return value
+
     worker_image: str = Field(
         default=f"ghcr.io/kubedistill/worker:{__version__}", min_length=1, description="Image of every stage pod."
     )
