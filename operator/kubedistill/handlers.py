@@ -34,6 +34,7 @@ from typing import Any
 
 import kopf
 
+from kubedistill.api.conditions import JobPhase, ModelPhase
 from kubedistill.api.v1alpha1 import GROUP, VERSION
 from kubedistill.builders import names
 from kubedistill.builders.settings import OperatorSettings
@@ -51,8 +52,11 @@ DM = (GROUP, VERSION, "distilledmodels")
 MANAGED = {names.LABEL_MANAGED_BY: names.MANAGED_BY}
 SERVING_PODS = {**MANAGED, names.LABEL_COMPONENT: names.SERVING_COMPONENT}
 PROGRESS_CONFIG_MAPS = {**MANAGED, names.LABEL_COMPONENT: names.PROGRESS_COMPONENT}
-ACTIVE_PHASES = frozenset({None, "Pending", "Generating", "Training", "Evaluating", "Publishing"})
-ACTIVE_MODEL_PHASES = frozenset({None, "Pending", "Deploying", "Degraded"})
+# Resources the resync visits: every phase but the settled ones (None: not reconciled yet).
+ACTIVE_PHASES = frozenset({None} | {p.value for p in JobPhase if not p.terminal})
+ACTIVE_MODEL_PHASES = frozenset(
+    {None} | {p.value for p in ModelPhase} - {ModelPhase.READY, ModelPhase.STOPPED, ModelPhase.FAILED}
+)
 HEARTBEAT_SECONDS = 5.0
 
 

@@ -128,3 +128,41 @@ def test_the_checker_sees_violations() -> None:
     )
     names = [name for _, name in _imports_in(source, PACKAGE / "builders" / "x.py")]
     assert names == ["typing", "kopf", "kubernetes", "kubedistill.kube", "torch"]
+
+
+# --------------------------------------------------------------------------- shared facts, defined once
+
+# (what, where it is defined, a pattern of a second definition or copy elsewhere)
+SHARED_FACTS = (
+    ("the API group", "api/v1alpha1.py", r"""=\s*["']kubedistill\.io["']"""),
+    ("the run's stage names", "api/worker_config.py", r"""Literal\[\s*["']generate["'],\s*["']train["']"""),
+    ("the worker's exit codes", "api/worker_config.py", r"^\s*EXIT_(OK|FAILED|INTERNAL|PREEMPTED)\s*(:\s*\w+\s*)?=\s*\d"),
+    ("the termination-log path", "api/worker_config.py", r"""=\s*["']/dev/termination-log["']"""),
+    ("'exports an adapter'", "api/v1alpha1.py", r"""method\s*==\s*["']lora["']\s+and\s+\S*export\s*==\s*["']adapter"""),
+    ("the quality gate", "api/v1alpha1.py", r">=?\s*\S*min_teacher_agreement"),
+)
+
+
+def _second_definitions(pattern: str, home: str) -> list[str]:
+    import re
+
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = str(path.relative_to(PACKAGE))
+        if relative == home:
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(pattern, line):
+                found.append(f"{relative}:{number}: {line.strip()}")
+    return found
+
+
+@pytest.mark.parametrize(("what", "home", "pattern"), SHARED_FACTS, ids=[f[0] for f in SHARED_FACTS])
+def test_each_shared_fact_is_defined_once(what: str, home: str, pattern: str) -> None:
+    """The operator, the workers and local mode import these from api/; a copy elsewhere drifts."""
+    import re
+
+    assert any(re.search(pattern, line) for line in (PACKAGE / home).read_text().splitlines()), (
+        f"{what}: no longer found in {home}: update SHARED_FACTS"
+    )
+    assert _second_definitions(pattern, home) == [], f"{what} is defined again outside {home}"

@@ -84,7 +84,6 @@ class StagePhase(StrEnum):
     RUNNING = "Running"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
-    SKIPPED = "Skipped"  # not needed in this run
 
 
 class ConditionStatus(StrEnum):
@@ -139,7 +138,6 @@ class Reason:
     STAGE_RESULT_MISSING: Final = "StageResultMissing"  # the Job succeeded without the result its worker must report
     BUDGET_EXCEEDED: Final = "BudgetExceeded"  # generate stopped at spec.teacher.budget; the message says what to raise
     ARTIFACT_REUSED: Final = "ArtifactReused"  # the stage's output exists from an earlier run with the same inputs
-    PREEMPTED: Final = "Preempted"  # pods were evicted or preempted; the stage resumes from its checkpoint
     GROUP_RESTARTED: Final = "GroupRestarted"  # a rank of a multi-node stage failed: the whole group starts again
 
     # evaluation gate

@@ -555,6 +555,11 @@ class StudentSpec(ApiModel):
         return self
 
     @property
+    def exports_adapter(self) -> bool:
+        """The train stage exports a LoRA adapter (served by a pool over its base), not merged weights."""
+        return self.method == "lora" and self.export == "adapter"
+
+    @property
     def kd_settings(self) -> KDSpec:
         """objective kd's settings, defaults filled in."""
         return self.kd or KDSpec()
@@ -606,6 +611,10 @@ class EvaluationSpec(ApiModel):
         if self.agreement_metric not in self.metrics:
             raise ValueError("evaluation.agreementMetric must be one of evaluation.metrics")
         return self
+
+    def passes(self, teacher_agreement: float) -> bool:
+        """The quality gate: the operator and local mode both decide with this."""
+        return teacher_agreement >= self.min_teacher_agreement
 
 
 # --------------------------------------------------------------------------- serving

@@ -35,8 +35,11 @@ EXIT_PREEMPTED = 143  # SIGTERM, state saved: not the workload's fault, a restar
 # The pod's terminationGracePeriodSeconds: how long a stage has after SIGTERM.
 GRACE_SECONDS_ENV = "KUBEDISTILL_GRACE_SECONDS"
 
-Stage = Literal["generate", "train", "evaluate", "fetch"]
-STAGES: tuple[Stage, ...] = ("generate", "train", "evaluate")
+# The stages of a DistillationJob run, in order: the operator, the workers and local mode all
+# name them with these (the Job names, the status, the worker commands, the settings).
+RunStage = Literal["generate", "train", "evaluate"]
+STAGES: tuple[RunStage, ...] = ("generate", "train", "evaluate")
+Stage = RunStage | Literal["fetch"]  # what reports progress: the run's stages and a serving pod's fetch
 
 
 class ProgressTarget(ApiModel):

@@ -40,7 +40,8 @@ from __future__ import annotations
 import hashlib
 from typing import Final
 
-GROUP: Final = "kubedistill.io"
+from kubedistill.api.v1alpha1 import GROUP as GROUP  # the API group is named once, with the API
+
 FIELD_MANAGER: Final = "kubedistill"
 
 LABEL_NAME: Final = "app.kubernetes.io/name"

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Literal
 
 from kubedistill.api.v1alpha1 import DistillationJob
+from kubedistill.api.worker_config import STAGES as STAGES
+from kubedistill.api.worker_config import RunStage
 from kubedistill.builders import names
 
-Stage = Literal["generate", "train", "evaluate"]
-STAGES: tuple[Stage, ...] = ("generate", "train", "evaluate")
+Stage = RunStage  # the run's stages are named once, in api/worker_config.py
 
 
 def join_uri(base: str, *parts: str) -> str:

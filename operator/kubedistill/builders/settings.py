@@ -18,12 +18,12 @@ from pydantic import Field, StringConstraints, field_validator
 from kubedistill import __version__
 from kubedistill.api.base import ApiModel
 from kubedistill.api.v1alpha1 import QUANTITY_PATTERN, Toleration
+from kubedistill.api.worker_config import RunStage
 
 H100_PRODUCT = "NVIDIA-H100-80GB-HBM3"
 GPU_RESOURCE = "nvidia.com/gpu"
 
 NAMESPACE_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"  # a DNS label (RFC 1123)
-StageName = Literal["generate", "train", "evaluate"]
 
 
 def _default_gpu_tolerations() -> list[Toleration]:
@@ -202,7 +202,7 @@ class OperatorSettings(ApiModel):
     reconcile: ReconcileSettings = Field(default_factory=ReconcileSettings)
     progress: ProgressSettings = Field(default_factory=ProgressSettings)
     pod_annotations: dict[str, str] = Field(default_factory=dict, description="Annotations on every pod created.")
-    stage_pod_annotations: dict[StageName, dict[str, str]] = Field(
+    stage_pod_annotations: dict[RunStage, dict[str, str]] = Field(
         default_factory=dict, description="Extra annotations on one stage's pods, e.g. train: {...}."
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO")

@@ -129,7 +129,7 @@ def build_train_config(plan: RunPlan) -> TrainConfig:
 
 def build_evaluate_config(plan: RunPlan, settings: OperatorSettings) -> EvaluateConfig:
     spec = plan.job.spec
-    adapter = spec.student.method == "lora" and spec.student.export == "adapter"
+    adapter = spec.student.exports_adapter
     gpus = stage_placement(plan, "evaluate", settings).gpus
     return EvaluateConfig(
         model_uri=plan.model_uri,

@@ -402,12 +402,13 @@ def describe_savings(job: DistillationJob, evaluate: Mapping[str, Any]) -> list[
 def check_gate(job: DistillationJob, result: Mapping[str, Any], echo: Callable[[str], None]) -> None:
     evaluation = job.spec.evaluation
     agreement = float(result["teacherAgreement"])
-    verdict = "passed" if agreement >= evaluation.min_teacher_agreement else "FAILED"
+    passed = evaluation.passes(agreement)
+    verdict = "passed" if passed else "FAILED"
     echo(
         f"  gate      {verdict}   {evaluation.agreement_metric} agreement {agreement:.3f} "
         f"(minimum {evaluation.min_teacher_agreement:.3f})"
     )
-    if agreement < evaluation.min_teacher_agreement:
+    if not passed:
         raise QualityGateFailed(
             f"QualityGateFailed: teacher agreement {agreement:.3f} is below evaluation.minTeacherAgreement "
             f"{evaluation.min_teacher_agreement:.3f}; see the report at {result['reportUri']}"

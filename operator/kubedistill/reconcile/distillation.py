@@ -173,7 +173,7 @@ def _record_result(plan: RunPlan, result: BaseModel, walk: _Walk) -> None:
         walk.evaluation = EvaluationStatus(
             teacher_agreement=result.teacher_agreement,
             metrics=dict(result.metrics),
-            passed=result.teacher_agreement >= evaluation.min_teacher_agreement,
+            passed=evaluation.passes(result.teacher_agreement),
             examples=result.examples,
             report_uri=result.report_uri,
             speed=result.speed,
@@ -206,8 +206,7 @@ def _carry_summaries(old: DistillationJobStatus, stage: Stage, walk: _Walk, plan
     elif stage == "train":
         walk.model = old.model or ModelArtifact(uri=plan.model_uri)
         walk.training = old.training
-        student = plan.job.spec.student
-        walk.adapter = student.method == "lora" and student.export == "adapter"
+        walk.adapter = plan.job.spec.student.exports_adapter
     else:
         walk.evaluation = old.evaluation
 

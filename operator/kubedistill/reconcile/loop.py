@@ -83,10 +83,9 @@ class InvalidSpec(Exception):
 
 @dataclass(frozen=True)
 class Outcome:
-    """How a reconcile ended: the phase written, whether work is still in flight, what finished."""
+    """How a reconcile ended: the phase written and the stages it saw finish."""
 
     phase: str | None
-    active: bool
     finished: tuple[StageFinished, ...] = ()
 
 
@@ -225,7 +224,7 @@ async def reconcile_distillation_job(
     """
     raw = await cluster.get(API_VERSION, DJ_KIND, namespace, name)
     if raw is None or (raw.get("metadata") or {}).get("deletionTimestamp"):
-        return Outcome(phase=None, active=False)
+        return Outcome(phase=None)
     try:
         dj = DistillationJob.model_validate(raw)
     except ValidationError as err:
@@ -254,7 +253,6 @@ async def reconcile_distillation_job(
     phase = decision.status.phase
     return Outcome(
         phase=phase.value if phase else None,
-        active=phase is None or not phase.terminal,
         finished=tuple(decision.finished),
     )
 
@@ -266,7 +264,7 @@ async def reconcile_distilled_model(cluster: Cluster, settings: OperatorSettings
     """One level-based pass over a DistilledModel: resolve its source, apply the serving objects, report."""
     raw = await cluster.get(API_VERSION, DM_KIND, namespace, name)
     if raw is None or (raw.get("metadata") or {}).get("deletionTimestamp"):
-        return Outcome(phase=None, active=False)
+        return Outcome(phase=None)
     try:
         dm = DistilledModel.model_validate(raw)
     except ValidationError as err:
@@ -278,7 +276,7 @@ async def reconcile_distilled_model(cluster: Cluster, settings: OperatorSettings
     if dm.spec.pool is not None:  # an adapter: its pool loads it, only its status is ours to write
         decision = await decide_adapter(cluster, settings, dm, source_job)
         await _write_status(cluster, DM_KIND, raw, decision.status.to_wire(), decision.events)
-        return Outcome(phase=decision.status.phase.value if decision.status.phase else None, active=True)
+        return Outcome(phase=decision.status.phase.value if decision.status.phase else None)
     deployment = await cluster.get("apps/v1", "Deployment", namespace, names.model_deployment_name(name))
     obs = await observe_serving(cluster, dm, ModelObservations(deployment=deployment, source_job=source_job))
     decision = compute_model_decision(dm, settings, obs, now_rfc3339())
@@ -293,4 +291,4 @@ async def reconcile_distilled_model(cluster: Cluster, settings: OperatorSettings
                 await cluster.delete("v1", "ConfigMap", namespace, stale)
     await _write_status(cluster, DM_KIND, raw, decision.status.to_wire(), decision.events)
     phase = decision.status.phase
-    return Outcome(phase=phase.value if phase else None, active=decision.progressing)
+    return Outcome(phase=phase.value if phase else None)

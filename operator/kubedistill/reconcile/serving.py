@@ -62,7 +62,6 @@ class ModelDecision:
     status: DistilledModelStatus
     apply: list[dict[str, Any]] = field(default_factory=list)
     events: list[EventSpec] = field(default_factory=list)
-    progressing: bool = False
     # Once a rollout completes, fetch ConfigMaps of older versions can go (none but this one).
     keep_fetch_config: str | None = None
     # (apiVersion, kind, name) of children to delete before applying: an HPA whose
@@ -98,7 +97,7 @@ def resolve_source(dm: DistilledModel, obs: ModelObservations) -> Source:
             return Source(None, Reason.SOURCE_FAILED, f"DistillationJob {job_name} failed")
         return Source(None, Reason.SOURCE_PENDING, f"DistillationJob {job_name} is {phase}")
     student = job.spec.student
-    adapter = student.method == "lora" and student.export == "adapter"
+    adapter = student.exports_adapter
     base = spec.base_model or (student.model if adapter else None)
     plan = ServingPlan(model=dm, source=status.model, base_model=base, storage=spec.storage or job.spec.storage)
     return Source(plan)
@@ -227,7 +226,6 @@ def compute_model_decision(
         current_model=current_model,
         adapters=pool_adapter_statuses(entries, obs.pods) if dm.spec.serving.adapters is not None else None,
     )
-    decision.progressing = progressing
     if rolled_out and source.plan is not None and current_model != old.current_model:
         decision.keep_fetch_config = names.model_fetch_config_name(name, source.plan.source_hash)
     decision.events = _model_events(old, decision.status, current_model)
@@ -281,4 +279,4 @@ def compute_adapter_decision(
 ) -> ModelDecision:
     """An adapter in a pool: nothing of its own to apply (the pool loads it), only its status."""
     status, events = compute_adapter_status(dm, _adapter_entry(dm, obs.source_job), settings, obs, now)
-    return ModelDecision(status=status, events=events, progressing=status.phase != ModelPhase.READY)
+    return ModelDecision(status=status, events=events)
