@@ -50,10 +50,10 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from kubedistill.api.settings import OperatorSettings  # noqa: E402
 from kubedistill.api.v1alpha1 import DistilledModel  # noqa: E402
 from kubedistill.api.worker_config import StorageSettings  # noqa: E402
 from kubedistill.builders.serving import ServingPlan, build_serving_children  # noqa: E402
-from kubedistill.builders.settings import OperatorSettings  # noqa: E402
 from kubedistill.local.serve import VLLM_CPU_ENV  # noqa: E402
 from kubedistill.storage.objectstore import S3Store, upload_dir  # noqa: E402
 from tests.support.local_pod import container_argv, container_env  # noqa: E402

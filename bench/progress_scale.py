@@ -38,7 +38,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench.operator_scale import SETTINGS, JobWatcher, percentile, proc_stats  # noqa: E402
-from kubedistill.settings import ProgressSettings  # noqa: E402
+from kubedistill.api.settings import ProgressSettings  # noqa: E402
 from tests.support.cluster import ANN_HOLD, ANN_MESSAGE, Cluster, ensure_cluster, wait_for  # noqa: E402
 from tests.support.crds import install_crds  # noqa: E402
 from tests.support.djobs import distillation_job, generate_result  # noqa: E402

@@ -35,9 +35,9 @@ from typing import Any
 import kopf
 
 from kubedistill.api.conditions import JobPhase, ModelPhase
+from kubedistill.api.settings import OperatorSettings
 from kubedistill.api.v1alpha1 import GROUP, VERSION
 from kubedistill.builders import names
-from kubedistill.builders.settings import OperatorSettings
 from kubedistill.kube.client import KubeClient, KubeError
 from kubedistill.kube.pacing import Priority
 from kubedistill.reconcile.loop import InvalidSpec

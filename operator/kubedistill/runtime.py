@@ -26,8 +26,8 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
+from kubedistill.api.settings import OperatorSettings
 from kubedistill.builders import names
-from kubedistill.builders.settings import OperatorSettings
 from kubedistill.kube.client import KubeClient
 from kubedistill.kube.pacing import Priority, PrioritySemaphore, reconcile_priority
 from kubedistill.reconcile.loop import (

@@ -33,31 +33,9 @@ from pathlib import Path
 
 import yaml
 
-from kubedistill.builders.settings import (
-    H100_PRODUCT,
-    CpuPoolSettings,
-    GpuPoolSettings,
-    JobSettings,
-    OperatorSettings,
-    ProgressSettings,
-    ReconcileSettings,
-    SecuritySettings,
-    ServingSettings,
-)
+from kubedistill.api.settings import OperatorSettings
 
-__all__ = [
-    "H100_PRODUCT",
-    "SETTINGS_ENV",
-    "CpuPoolSettings",
-    "GpuPoolSettings",
-    "JobSettings",
-    "OperatorSettings",
-    "ProgressSettings",
-    "ReconcileSettings",
-    "SecuritySettings",
-    "ServingSettings",
-    "load_settings",
-]
+__all__ = ["SETTINGS_ENV", "load_settings"]
 
 SETTINGS_ENV = "KUBEDISTILL_SETTINGS"
 

@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kubedistill.builders.settings import OperatorSettings
+from kubedistill.api.settings import OperatorSettings
 from tests.support import cluster as cluster_support
 from tests.support.cluster import Cluster, wait_for
 from tests.support.crds import CRD_NAMES

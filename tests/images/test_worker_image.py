@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 
 from kubedistill.api.dataset import MANIFEST_NAME, DatasetManifest, DatasetRecord
+from kubedistill.api.settings import OperatorSettings
 from kubedistill.api.v1alpha1 import DistillationJob, DistilledModel, ModelArtifact
 from kubedistill.api.worker_config import EvaluateResult, GenerateResult, StorageSettings, TrainResult
 from kubedistill.builders import names
@@ -38,7 +39,6 @@ from kubedistill.builders.plan import RunPlan, Stage
 from kubedistill.builders.progress import build_progress_children, worker_service_account
 from kubedistill.builders.publish import build_distilled_model
 from kubedistill.builders.serving import ServingPlan, build_deployment, build_fetch_config_map
-from kubedistill.builders.settings import OperatorSettings
 from kubedistill.builders.stages import EXIT_PREEMPTED, build_stage_config_map, build_stage_job
 from kubedistill.local.serve import VLLM_CPU_ENV
 from kubedistill.reconcile.keys import compute_stage_keys

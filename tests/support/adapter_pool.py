@@ -34,11 +34,11 @@ from typing import Any
 
 import yaml
 
+from kubedistill.api.settings import OperatorSettings
 from kubedistill.api.v1alpha1 import DistilledModel
 from kubedistill.api.worker_config import CONFIG_DIR
 from kubedistill.builders import names
 from kubedistill.builders.adapters import ADAPTERS_DIR
-from kubedistill.builders.settings import OperatorSettings
 from kubedistill.reconcile.serving import ModelObservations, PoolMember, compute_model_decision
 from tests.support.procs import ManagedProcess, free_port
 from tests.support.vllm_server import VLLMServer

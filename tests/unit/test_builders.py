@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import yaml
 
+from kubedistill.api.settings import OperatorSettings
 from kubedistill.api.v1alpha1 import DistillationJob
 from kubedistill.api.worker_config import EvaluateConfig, GenerateConfig, TrainConfig
 from kubedistill.builders import names
@@ -20,7 +21,6 @@ from kubedistill.builders.stages import (
     stage_placement,
 )
 from kubedistill.reconcile.keys import compute_stage_keys
-from kubedistill.settings import OperatorSettings
 from tests.support.djobs import distillation_job
 
 SETTINGS = OperatorSettings()

@@ -6,11 +6,11 @@ from typing import Any
 
 import yaml
 
+from kubedistill.api.settings import OperatorSettings
 from kubedistill.api.v1alpha1 import DistilledModel, ModelArtifact, StorageSpec
 from kubedistill.api.worker_config import FetchConfig
 from kubedistill.builders import names
 from kubedistill.builders.serving import ServingPlan, build_serving_children
-from kubedistill.settings import OperatorSettings
 from tests.unit.test_builders import assert_restricted
 
 SETTINGS = OperatorSettings()

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from kubedistill import __version__
-from kubedistill.builders.settings import OperatorSettings
+from kubedistill.api.settings import OperatorSettings
 from kubedistill.kube.client import PLURALS
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "kubedistill"

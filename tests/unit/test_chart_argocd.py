@@ -18,9 +18,9 @@ import pytest
 import yaml
 
 from kubedistill.api.conditions import ModelPhase
+from kubedistill.api.settings import OperatorSettings
 from kubedistill.api.v1alpha1 import DistillationJobStatus, DistilledModel
 from kubedistill.builders import names
-from kubedistill.builders.settings import OperatorSettings
 from kubedistill.reconcile.serving import ModelObservations, compute_model_decision
 from tests.support.djobs import distillation_job
 

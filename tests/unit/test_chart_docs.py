@@ -21,14 +21,14 @@ from pydantic import Field
 
 from kubedistill.api import chartgen
 from kubedistill.api.base import ApiModel
-from kubedistill.settings import OperatorSettings
+from kubedistill.api.settings import OperatorSettings
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "kubedistill"
 SCHEMA_TEXT = (CHART / "values.schema.json").read_text()
 SCHEMA: dict[str, Any] = json.loads(SCHEMA_TEXT)
 VALUES: dict[str, Any] = yaml.safe_load((CHART / "values.yaml").read_text())
-MODEL = "kubedistill.settings:OperatorSettings"  # what hack/gen-crds passes
+MODEL = "kubedistill.api.settings:OperatorSettings"  # what hack/gen-crds passes
 
 
 def _load_readme_generator() -> ModuleType:

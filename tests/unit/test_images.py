@@ -17,7 +17,7 @@ import jsonschema
 import yaml
 
 from kubedistill import __version__
-from kubedistill.builders.settings import OperatorSettings
+from kubedistill.api.settings import OperatorSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]

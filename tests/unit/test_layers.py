@@ -136,7 +136,11 @@ def test_the_checker_sees_violations() -> None:
 SHARED_FACTS = (
     ("the API group", "api/v1alpha1.py", r"""=\s*["']kubedistill\.io["']"""),
     ("the run's stage names", "api/worker_config.py", r"""Literal\[\s*["']generate["'],\s*["']train["']"""),
-    ("the worker's exit codes", "api/worker_config.py", r"^\s*EXIT_(OK|FAILED|INTERNAL|PREEMPTED)\s*(:\s*\w+\s*)?=\s*\d"),
+    (
+        "the worker's exit codes",
+        "api/worker_config.py",
+        r"^\s*EXIT_(OK|FAILED|INTERNAL|PREEMPTED)\s*(:\s*\w+\s*)?=\s*\d",
+    ),
     ("the termination-log path", "api/worker_config.py", r"""=\s*["']/dev/termination-log["']"""),
     ("'exports an adapter'", "api/v1alpha1.py", r"""method\s*==\s*["']lora["']\s+and\s+\S*export\s*==\s*["']adapter"""),
     ("the quality gate", "api/v1alpha1.py", r">=?\s*\S*min_teacher_agreement"),

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from kubedistill.api.settings import OperatorSettings
 from kubedistill.api.v1alpha1 import API_VERSION
 from kubedistill.api.worker_config import ProgressTarget, StageProgress, format_duration
 from kubedistill.builders.plan import RunPlan
@@ -20,7 +21,6 @@ from kubedistill.kube.pacing import Priority
 from kubedistill.local.live import LiveProgress
 from kubedistill.reconcile.keys import compute_stage_keys
 from kubedistill.runtime import Runtime
-from kubedistill.settings import OperatorSettings
 from kubedistill.worker.report import ProgressReporter
 from tests.support.djobs import distillation_job, generate_result
 from tests.support.fake_cluster import FakeCluster

@@ -17,6 +17,7 @@ import pytest
 from kubedistill.api import conditions as c
 from kubedistill.api.conditions import JobPhase, Reason, StagePhase
 from kubedistill.api.savings import TeacherSpend
+from kubedistill.api.settings import OperatorSettings
 from kubedistill.api.v1alpha1 import DistillationJob
 from kubedistill.builders.plan import RunPlan
 from kubedistill.reconcile.distillation import (
@@ -35,7 +36,6 @@ from kubedistill.reconcile.observe import (
     pick_termination,
 )
 from kubedistill.reconcile.status import merge_patch
-from kubedistill.settings import OperatorSettings
 from tests.support.djobs import (
     PRICES,
     budget_exceeded,

@@ -6,10 +6,10 @@ from typing import Any
 
 from kubedistill.api import conditions as c
 from kubedistill.api.conditions import ModelPhase, Reason
+from kubedistill.api.settings import OperatorSettings
 from kubedistill.api.v1alpha1 import DistilledModel
 from kubedistill.builders import names
 from kubedistill.reconcile.serving import ModelObservations, compute_model_decision
-from kubedistill.settings import OperatorSettings
 
 SETTINGS = OperatorSettings()
 NOW = "2026-01-01T00:00:00Z"

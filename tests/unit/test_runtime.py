@@ -14,10 +14,10 @@ import time
 import pytest
 
 from kubedistill import runtime as runtime_module
+from kubedistill.api.settings import OperatorSettings, ReconcileSettings
 from kubedistill.api.v1alpha1 import API_VERSION
 from kubedistill.kube.pacing import Priority, PriorityRateLimiter, PrioritySemaphore
 from kubedistill.runtime import Runtime
-from kubedistill.settings import OperatorSettings, ReconcileSettings
 from tests.support.djobs import distillation_job, generate_result
 from tests.support.fake_cluster import FakeCluster
 

@@ -9,6 +9,7 @@ import yaml
 
 from kubedistill.api import conditions as c
 from kubedistill.api.conditions import ModelPhase, Reason
+from kubedistill.api.settings import OperatorSettings
 from kubedistill.api.v1alpha1 import DistilledModel
 from kubedistill.builders import integrations as i
 from kubedistill.builders import names
@@ -21,7 +22,6 @@ from kubedistill.reconcile.serving import (
     compute_adapter_decision,
     compute_model_decision,
 )
-from kubedistill.settings import OperatorSettings
 
 SETTINGS = OperatorSettings()
 NOW = "2026-01-01T00:00:00Z"

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from kubedistill.settings import OperatorSettings, load_settings
+from kubedistill.api.settings import OperatorSettings
+from kubedistill.settings import load_settings
 
 
 def test_defaults_describe_an_h100_pool() -> None:

@@ -8,13 +8,13 @@ from typing import Any
 import pytest
 
 from kubedistill.api.savings import SpendProjection, TeacherSpend, TokenSpend
+from kubedistill.api.settings import OperatorSettings
 from kubedistill.api.v1alpha1 import TeacherSpec
 from kubedistill.api.worker_config import SHARD_RUN_ENV, StageProgress
 from kubedistill.builders.plan import RunPlan
 from kubedistill.builders.stages import build_stage_job
 from kubedistill.reconcile.keys import compute_stage_keys
 from kubedistill.reconcile.observe import observe_job, parse_progress
-from kubedistill.settings import OperatorSettings
 from kubedistill.worker.common import WorkerError
 from kubedistill.worker.teacher.shards import Shard, combined_spend, shard_teacher
 from tests.support.djobs import distillation_job

@@ -11,10 +11,10 @@ import urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubedistill.api.conditions import StagePhase
+from kubedistill.api.settings import OperatorSettings
 from kubedistill.api.worker_config import EvaluateResult, GenerateResult
 from kubedistill.reconcile.distillation import StageFinished
 from kubedistill.runtime import Runtime
-from kubedistill.settings import OperatorSettings
 from kubedistill.telemetry import Health, JsonFormatter, OperatorMetrics, TelemetryServer
 from tests.support.djobs import distillation_job, evaluate_result, generate_result, train_result
 from tests.support.fake_cluster import FakeCluster

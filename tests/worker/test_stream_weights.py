@@ -15,10 +15,10 @@ import urllib.request
 
 import pytest
 
+from kubedistill.api.settings import OperatorSettings
 from kubedistill.api.v1alpha1 import DistilledModel
 from kubedistill.api.worker_config import StorageSettings
 from kubedistill.builders.serving import ServingPlan, build_serving_children
-from kubedistill.builders.settings import OperatorSettings
 from kubedistill.local.serve import VLLM_CPU_ENV
 from kubedistill.storage.objectstore import S3Store, upload_dir
 from tests.support.local_pod import container_argv, container_env

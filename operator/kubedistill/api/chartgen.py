@@ -1,7 +1,7 @@
 """Generate the ``settings`` part of the Helm chart's values.schema.json from ``OperatorSettings``.
 
-    python -m kubedistill.api.chartgen --model kubedistill.settings:OperatorSettings           # rewrite it
-    python -m kubedistill.api.chartgen --model kubedistill.settings:OperatorSettings --check   # exit 1 on drift
+    python -m kubedistill.api.chartgen --model kubedistill.api.settings:OperatorSettings           # rewrite it
+    python -m kubedistill.api.chartgen --model kubedistill.api.settings:OperatorSettings --check   # exit 1 on drift
 
 ``hack/gen-crds`` runs it from the repository root. Only ``properties.settings`` of
 charts/kubedistill/values.schema.json is generated; the rest of the schema (image, rbac,
@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m kubedistill.api.chartgen", description="Generate the settings part of values.schema.json."
     )
-    parser.add_argument("--model", required=True, help="module:Class, e.g. kubedistill.settings:OperatorSettings")
+    parser.add_argument("--model", required=True, help="module:Class, e.g. kubedistill.api.settings:OperatorSettings")
     parser.add_argument("--file", type=Path, default=VALUES_SCHEMA, help=f"default: {VALUES_SCHEMA}")
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 when the file differs")
     args = parser.parse_args(argv)

@@ -26,11 +26,11 @@ from typing import Any
 
 import yaml
 
+from kubedistill.api.settings import OperatorSettings
 from kubedistill.api.v1alpha1 import AdapterPoolSpec, StorageSpec
 from kubedistill.api.worker_config import CONFIG_DIR, AdapterEntry, AdapterSet, StorageSettings
 from kubedistill.builders import names
 from kubedistill.builders.resources import api_token_mount, api_token_volume, container_security_context, storage_env
-from kubedistill.builders.settings import OperatorSettings
 
 ADAPTERS_DIR = "/adapters"
 ADAPTERS_CONFIG_DIR = f"{CONFIG_DIR}/adapters"

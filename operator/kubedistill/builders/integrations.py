@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from kubedistill.api.settings import OperatorSettings
 from kubedistill.api.v1alpha1 import AutoscalingSpec, RoutingSpec
 from kubedistill.builders import names
-from kubedistill.builders.settings import OperatorSettings
 
 HPA = ("autoscaling/v2", "HorizontalPodAutoscaler")
 SCALED_OBJECT = ("keda.sh/v1alpha1", "ScaledObject")

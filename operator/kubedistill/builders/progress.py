@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from kubedistill.api.settings import OperatorSettings
 from kubedistill.builders import names
 from kubedistill.builders.plan import RunPlan
-from kubedistill.builders.settings import OperatorSettings
 
 
 def _metadata(plan: RunPlan, name: str) -> dict[str, Any]:

@@ -6,8 +6,8 @@ import re
 from decimal import Decimal
 from typing import Any
 
+from kubedistill.api.settings import OperatorSettings
 from kubedistill.api.v1alpha1 import QUANTITY_PATTERN, SecretKeyRef, StorageSpec, Toleration
-from kubedistill.builders.settings import OperatorSettings
 
 _QUANTITY = re.compile(QUANTITY_PATTERN)
 _SPLIT = re.compile(r"^([+]?[0-9.]+)(.*)$")

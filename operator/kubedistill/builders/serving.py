@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from kubedistill.api.settings import OperatorSettings
 from kubedistill.api.v1alpha1 import DistilledModel, ModelArtifact, StorageSpec
 from kubedistill.api.worker_config import CONFIG_DIR, TERMINATION_LOG, FetchConfig, StorageSettings
 from kubedistill.builders import adapters as pool
@@ -33,7 +34,6 @@ from kubedistill.builders.resources import (
     shm_volume,
     storage_env,
 )
-from kubedistill.builders.settings import OperatorSettings
 
 MODEL_SUBDIR = "model"
 BASE_SUBDIR = "base"

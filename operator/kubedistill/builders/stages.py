@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from kubedistill.api.settings import OperatorSettings
 from kubedistill.api.v1alpha1 import Toleration
 from kubedistill.api.worker_config import (
     CONFIG_DIR,
@@ -51,7 +52,6 @@ from kubedistill.builders.resources import (
     shm_volume,
     storage_env,
 )
-from kubedistill.builders.settings import OperatorSettings
 
 PROMPTS_DIR = "/var/run/kubedistill/prompts"
 TRAIN_GRACE_SECONDS = 300  # time to write a checkpoint after SIGTERM

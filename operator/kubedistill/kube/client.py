@@ -28,9 +28,9 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
+from kubedistill.api.settings import ReconcileSettings
 from kubedistill.api.v1alpha1 import API_VERSION
 from kubedistill.builders.names import FIELD_MANAGER
-from kubedistill.builders.settings import ReconcileSettings
 from kubedistill.kube.pacing import PriorityRateLimiter
 
 log = logging.getLogger("kubedistill.kube")

@@ -44,6 +44,7 @@ from kubedistill.api.savings import (
     savings_line,
     spend_summary,
 )
+from kubedistill.api.settings import OperatorSettings
 from kubedistill.api.v1alpha1 import DistillationJob
 from kubedistill.api.worker_config import (
     TEACHER_API_KEY_ENV,
@@ -54,7 +55,6 @@ from kubedistill.api.worker_config import (
     TrainResult,
 )
 from kubedistill.builders.plan import STAGES, RunPlan, Stage
-from kubedistill.builders.settings import OperatorSettings
 from kubedistill.builders.stages import build_stage_config
 from kubedistill.local import serve
 from kubedistill.local.live import LiveProgress

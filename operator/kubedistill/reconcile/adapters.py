@@ -15,10 +15,10 @@ from typing import Any
 
 from kubedistill.api import conditions as c
 from kubedistill.api.conditions import ModelPhase, Reason
+from kubedistill.api.settings import OperatorSettings
 from kubedistill.api.v1alpha1 import AdapterStatus, Condition, DistilledModel, DistilledModelStatus, ModelArtifact
 from kubedistill.api.worker_config import AdapterEntry
 from kubedistill.builders import names
-from kubedistill.builders.settings import OperatorSettings
 from kubedistill.reconcile.status import NORMAL, WARNING, EventSpec, apply_conditions, condition
 
 Raw = Mapping[str, Any]

@@ -26,6 +26,7 @@ from pydantic import BaseModel
 from kubedistill.api import conditions as c
 from kubedistill.api.conditions import JobPhase, Reason, StagePhase, parse_rfc3339
 from kubedistill.api.savings import TeacherSpend, savings_line, spend_summary
+from kubedistill.api.settings import OperatorSettings
 from kubedistill.api.v1alpha1 import (
     DIGEST_PATTERN,
     Condition,
@@ -51,7 +52,6 @@ from kubedistill.api.worker_config import (
 from kubedistill.builders.plan import STAGES, RunPlan, Stage
 from kubedistill.builders.progress import build_progress_children
 from kubedistill.builders.publish import build_distilled_model
-from kubedistill.builders.settings import OperatorSettings
 from kubedistill.builders.stages import build_stage_children
 from kubedistill.reconcile.observe import RESULT_MODELS, ObservedJob, Termination, parse_failure, parse_result
 from kubedistill.reconcile.status import NORMAL, WARNING, EventSpec, apply_conditions, clip, condition

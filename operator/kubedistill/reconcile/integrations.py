@@ -13,10 +13,10 @@ from typing import Any
 
 from kubedistill.api import conditions as c
 from kubedistill.api.conditions import Reason
+from kubedistill.api.settings import OperatorSettings
 from kubedistill.api.v1alpha1 import Condition, DistilledModel
 from kubedistill.builders import integrations
 from kubedistill.builders.integrations import Capabilities
-from kubedistill.builders.settings import OperatorSettings
 from kubedistill.reconcile.status import condition
 
 Ref = tuple[str, str, str]  # (apiVersion, kind, name)

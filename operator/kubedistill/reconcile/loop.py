@@ -24,10 +24,10 @@ from kubedistill.api import conditions as c
 from kubedistill.api.base import describe_validation_error
 from kubedistill.api.conditions import JobPhase, Reason, now_rfc3339
 from kubedistill.api.savings import TeacherSpend
+from kubedistill.api.settings import OperatorSettings
 from kubedistill.api.v1alpha1 import API_VERSION, DistillationJob, DistillationJobStatus, DistilledModel
 from kubedistill.builders import names
 from kubedistill.builders.plan import RunPlan
-from kubedistill.builders.settings import OperatorSettings
 from kubedistill.reconcile.distillation import (
     JobDecision,
     JobObservation,

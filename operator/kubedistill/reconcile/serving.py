@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from kubedistill.api import conditions as c
 from kubedistill.api.conditions import JobPhase, ModelPhase, Reason
+from kubedistill.api.settings import OperatorSettings
 from kubedistill.api.v1alpha1 import (
     Condition,
     DistillationJob,
@@ -30,7 +31,6 @@ from kubedistill.builders import names
 from kubedistill.builders.adapters import adapter_entry, build_adapters_config_map
 from kubedistill.builders.integrations import Capabilities
 from kubedistill.builders.serving import ServingPlan, build_serving_children
-from kubedistill.builders.settings import OperatorSettings
 from kubedistill.reconcile.adapters import AdapterObservations, compute_adapter_status, pool_adapter_statuses
 from kubedistill.reconcile.integrations import Ref, integration_conditions, stale_children
 from kubedistill.reconcile.status import NORMAL, WARNING, EventSpec, apply_conditions, condition

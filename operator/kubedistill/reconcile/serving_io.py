@@ -11,10 +11,10 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from kubedistill.api.conditions import now_rfc3339
+from kubedistill.api.settings import OperatorSettings
 from kubedistill.api.v1alpha1 import API_VERSION, DistilledModel
 from kubedistill.builders import integrations, names
 from kubedistill.builders.integrations import Capabilities
-from kubedistill.builders.settings import OperatorSettings
 from kubedistill.reconcile.adapters import AdapterObservations
 from kubedistill.reconcile.integrations import Ref
 from kubedistill.reconcile.serving import ModelDecision, ModelObservations, PoolMember, compute_adapter_decision

@@ -1,12 +1,14 @@
-"""Operator settings, the model: cluster-wide defaults the builders apply (the Helm values).
+"""Operator settings, the model: cluster-wide defaults of the pods the operator creates (the Helm values).
 
 A DistillationJob says *what* to distil; these settings say how pods look on this cluster
 when the job does not: the GPU pool (the H100 node selector, the ``nvidia.com/gpu``
 toleration, GPUs per node), images, the memory-backed /dev/shm, pod security, which
 namespaces the operator watches, and how hard it may push the API server.
 
-The model lives with the builders (it is their input, and they may import nothing
-above them); ``kubedistill.settings`` loads it from a file and the environment.
+The model lives at the bottom, in api/, with the resources' models: the builders, the
+reconcile cycle and the CLI all import it from here, and the Helm chart's settings schema is
+generated from it (hack/gen-crds). ``kubedistill.settings`` loads it from a file and the
+environment.
 """
 
 from __future__ import annotations
