@@ -18,6 +18,7 @@ from kubedistill.api.v1alpha1 import (
     StagesStatus,
     StageStatus,
 )
+from kubedistill.reconcile.status import get_condition, is_true, set_condition
 from tests.support.api_cases import INVALID, Invalid, valid_job, valid_model
 
 MODELS = {"DistillationJob": DistillationJob, "DistilledModel": DistilledModel}
@@ -154,28 +155,28 @@ def _cond(status: str, reason: str = Reason.STAGE_RUNNING, at: str = "2026-01-01
 
 def test_set_condition_keeps_transition_time_unless_status_flips() -> None:
     first = [_cond("False", at="2026-01-01T00:00:00Z")]
-    same = c.set_condition(first, _cond("False", Reason.STAGE_PENDING, at="2026-01-01T01:00:00Z"))
+    same = set_condition(first, _cond("False", Reason.STAGE_PENDING, at="2026-01-01T01:00:00Z"))
     assert same[0].last_transition_time == "2026-01-01T00:00:00Z"
     assert same[0].reason == Reason.STAGE_PENDING
-    flipped = c.set_condition(same, _cond("True", Reason.STAGE_SUCCEEDED, at="2026-01-01T02:00:00Z"))
+    flipped = set_condition(same, _cond("True", Reason.STAGE_SUCCEEDED, at="2026-01-01T02:00:00Z"))
     assert flipped[0].last_transition_time == "2026-01-01T02:00:00Z"
     assert first[0].reason == Reason.STAGE_RUNNING  # inputs are not mutated
 
 
 def test_set_condition_appends_new_types_in_order() -> None:
-    conditions = c.set_condition([], _cond("True"))
+    conditions = set_condition([], _cond("True"))
     failed = Condition(
         type=c.FAILED, status=ConditionStatus.TRUE, reason=Reason.INVALID_SPEC, last_transition_time=c.now_rfc3339()
     )
-    conditions = c.set_condition(conditions, failed)
+    conditions = set_condition(conditions, failed)
     assert [x.type for x in conditions] == [c.GENERATED, c.FAILED]
-    assert c.is_true(conditions, c.FAILED) and not c.is_true(conditions, c.TRAINED)
-    assert c.get_condition(conditions, c.TRAINED) is None
+    assert is_true(conditions, c.FAILED) and not is_true(conditions, c.TRAINED)
+    assert get_condition(conditions, c.TRAINED) is None
 
 
 def test_set_condition_twice_is_a_no_op() -> None:
-    once = c.set_condition([], _cond("True"))
-    assert c.set_condition(once, _cond("True", at="2030-01-01T00:00:00Z")) == once
+    once = set_condition([], _cond("True"))
+    assert set_condition(once, _cond("True", at="2030-01-01T00:00:00Z")) == once
 
 
 def test_condition_reason_must_be_camel_case() -> None:

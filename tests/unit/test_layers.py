@@ -170,3 +170,30 @@ def test_each_shared_fact_is_defined_once(what: str, home: str, pattern: str) ->
         f"{what}: no longer found in {home}: update SHARED_FACTS"
     )
     assert _second_definitions(pattern, home) == [], f"{what} is defined again outside {home}"
+
+
+def test_the_api_modules_import_each_other_without_a_circle() -> None:
+    """api/ is the bottom: its modules form a tree (type-checking imports included), so each can be
+    read, and loaded, on its own terms."""
+    graph: dict[str, set[str]] = {}
+    for path in _modules("api"):
+        module = f"kubedistill.api.{path.stem}"
+        tree = ast.parse(path.read_text(), filename=str(path))
+        graph[module] = {
+            node.module
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("kubedistill.api.")
+        }
+
+    def circle_from(start: str, at: str, seen: tuple[str, ...]) -> tuple[str, ...] | None:
+        for imported in sorted(graph.get(at, ())):
+            if imported == start:
+                return (*seen, imported)
+            if imported not in seen:
+                found = circle_from(start, imported, (*seen, imported))
+                if found:
+                    return found
+        return None
+
+    circles = [circle for module in graph if (circle := circle_from(module, module, (module,)))]
+    assert circles == [], " -> ".join(circles[0])

@@ -10,6 +10,7 @@ from kubedistill.api.settings import OperatorSettings
 from kubedistill.api.v1alpha1 import DistilledModel
 from kubedistill.builders import names
 from kubedistill.reconcile.serving import ModelObservations, compute_model_decision
+from kubedistill.reconcile.status import get_condition
 
 SETTINGS = OperatorSettings()
 NOW = "2026-01-01T00:00:00Z"
@@ -47,7 +48,7 @@ def deployment(uri: str = URI, replicas: int = 1, available: int = 1, updated: i
 
 
 def cond(status: Any, type_: str) -> Any:
-    return c.get_condition(status.conditions, type_)
+    return get_condition(status.conditions, type_)
 
 
 def test_first_deploy_then_ready() -> None:

@@ -22,6 +22,7 @@ from kubedistill.reconcile.serving import (
     compute_adapter_decision,
     compute_model_decision,
 )
+from kubedistill.reconcile.status import get_condition
 
 SETTINGS = OperatorSettings()
 NOW = "2026-01-01T00:00:00Z"
@@ -61,7 +62,7 @@ def test_queue_metric_with_keda_is_a_scaled_object_on_vllm_waiting_requests() ->
     assert trigger["metadata"]["query"] == 'sum(vllm:num_requests_waiting{namespace="ml",kubedistill_io_model="base"})'
     assert trigger["metadata"]["threshold"] == "2500m" and trigger["metricType"] == "AverageValue"
     assert "replicas" not in applied["Deployment"]["spec"]  # KEDA owns replicas
-    autoscaling = c.get_condition(decision.status.conditions, c.AUTOSCALING)
+    autoscaling = get_condition(decision.status.conditions, c.AUTOSCALING)
     assert autoscaling is not None and autoscaling.status == "True" and "KEDA" in autoscaling.message
 
 
@@ -84,7 +85,7 @@ def test_queue_metric_without_keda_is_an_hpa_on_pod_metrics_or_a_condition() -> 
     applied = kinds(bare)
     assert "HorizontalPodAutoscaler" not in applied and "ScaledObject" not in applied
     assert applied["Deployment"]["spec"]["replicas"] == 1  # serves minReplicas, fixed
-    condition = c.get_condition(bare.status.conditions, c.AUTOSCALING)
+    condition = get_condition(bare.status.conditions, c.AUTOSCALING)
     assert condition is not None and condition.status == "False"
     assert condition.reason == Reason.AUTOSCALER_UNAVAILABLE and "KEDA" in condition.message
     assert "custom.metrics.k8s.io" in condition.message
@@ -111,10 +112,10 @@ def test_monitor_written_where_the_crd_exists_else_a_condition() -> None:
     assert monitor["metadata"]["labels"]["release"] == "p"
     missing = decide(model(), BARE, settings)
     assert "PodMonitor" not in kinds(missing)
-    condition = c.get_condition(missing.status.conditions, c.MONITORING)
+    condition = get_condition(missing.status.conditions, c.MONITORING)
     assert condition is not None and condition.reason == Reason.CRD_MISSING
     assert "PodMonitor (monitoring.coreos.com/v1)" in condition.message
-    assert c.get_condition(decide(model(), BARE).status.conditions, c.MONITORING) is None  # not asked for
+    assert get_condition(decide(model(), BARE).status.conditions, c.MONITORING) is None  # not asked for
 
 
 def test_routing_writes_an_inference_pool_and_objective() -> None:
@@ -128,7 +129,7 @@ def test_routing_writes_an_inference_pool_and_objective() -> None:
     objective = applied["InferenceObjective"]
     assert objective["spec"] == {"poolRef": {"group": "inference.networking.k8s.io", "name": "base"}, "priority": 10}
     missing = decide(model(routing=routing), BARE)
-    condition = c.get_condition(missing.status.conditions, c.ROUTING)
+    condition = get_condition(missing.status.conditions, c.ROUTING)
     assert condition is not None and condition.status == "False" and "InferencePool" in condition.message
 
 
@@ -228,17 +229,17 @@ def test_an_adapter_is_ready_when_every_ready_replica_serves_its_version() -> No
 
     loading = status(pod("a", True, {"sql": rev2}), pod("b", True, {"sql": rev1}), pod("c", False, {}))
     assert loading.phase == ModelPhase.DEPLOYING and loading.ready_replicas == 1 and loading.replicas == 3
-    assert c.get_condition(loading.conditions, c.READY).message == "1/2 ready replicas of pool base serve it"
+    assert get_condition(loading.conditions, c.READY).message == "1/2 ready replicas of pool base serve it"
     ready = status(pod("a", True, {"sql": rev2}), pod("b", True, {"sql": rev2}), pod("c", False, {}))
     assert ready.phase == ModelPhase.READY and ready.ready_replicas == 2
     assert ready.endpoint == "http://base.ml.svc:8000/v1" and ready.served_model_name == "sql"
     assert ready.current_model is not None and ready.current_model.uri == "s3://bkt/sql/v2"
 
     missing = compute_adapter_decision(adapter, SETTINGS, AdapterObservations(pool=None), NOW).status
-    assert c.get_condition(missing.conditions, c.READY).reason == Reason.POOL_NOT_FOUND
+    assert get_condition(missing.conditions, c.READY).reason == Reason.POOL_NOT_FOUND
     not_a_pool = AdapterObservations(pool={"metadata": {"name": "base"}, "spec": {"serving": {}}})
     refused = compute_adapter_decision(adapter, SETTINGS, not_a_pool, NOW).status
-    ready_condition = c.get_condition(refused.conditions, c.READY)
+    ready_condition = get_condition(refused.conditions, c.READY)
     assert (
         ready_condition.reason == Reason.NOT_AN_ADAPTER_POOL
         and "set its spec.serving.adapters" in ready_condition.message

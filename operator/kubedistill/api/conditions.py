@@ -40,13 +40,9 @@ Conditions follow metav1.Condition: ``lastTransitionTime`` changes only when
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Final
-
-if TYPE_CHECKING:
-    from kubedistill.api.v1alpha1 import Condition
+from typing import Final
 
 
 class JobPhase(StrEnum):
@@ -185,36 +181,3 @@ def now_rfc3339() -> str:
 def parse_rfc3339(value: str) -> datetime:
     """metav1.Time (or any RFC 3339 time with a zone) as an aware datetime."""
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
-def get_condition(conditions: Iterable[Condition], type_: str) -> Condition | None:
-    """The condition of this type, or None."""
-    return next((c for c in conditions if c.type == type_), None)
-
-
-def is_true(conditions: Iterable[Condition], type_: str) -> bool:
-    """True when the condition exists with status True."""
-    condition = get_condition(conditions, type_)
-    return condition is not None and condition.status == ConditionStatus.TRUE
-
-
-def set_condition(conditions: list[Condition], new: Condition) -> list[Condition]:
-    """A new list with ``new`` in place of the condition of its type.
-
-    ``lastTransitionTime`` is kept from the old condition unless ``status``
-    flips, so that writing the same condition twice changes nothing. Order is
-    kept; a new type is appended.
-    """
-    result: list[Condition] = []
-    replaced = False
-    for old in conditions:
-        if old.type != new.type:
-            result.append(old)
-            continue
-        replaced = True
-        if old.status == new.status:
-            new = new.model_copy(update={"last_transition_time": old.last_transition_time})
-        result.append(new)
-    if not replaced:
-        result.append(new)
-    return result

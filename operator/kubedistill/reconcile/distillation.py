@@ -54,7 +54,16 @@ from kubedistill.builders.progress import build_progress_children
 from kubedistill.builders.publish import build_distilled_model
 from kubedistill.builders.stages import build_stage_children
 from kubedistill.reconcile.observe import RESULT_MODELS, ObservedJob, Termination, parse_failure, parse_result
-from kubedistill.reconcile.status import NORMAL, WARNING, EventSpec, apply_conditions, clip, condition
+from kubedistill.reconcile.status import (
+    NORMAL,
+    WARNING,
+    EventSpec,
+    apply_conditions,
+    clip,
+    condition,
+    get_condition,
+    is_true,
+)
 
 _DIGEST = re.compile(DIGEST_PATTERN)
 STAGE_PHASE: dict[Stage, JobPhase] = {
@@ -247,7 +256,7 @@ def _walk_stages(
                 walk.blocked_at = stage
                 cond(stage, False, Reason.QUALITY_GATE_FAILED, walk.failure[1])
                 continue
-            existing = c.get_condition(old.conditions, c.STAGE_CONDITIONS[stage])
+            existing = get_condition(old.conditions, c.STAGE_CONDITIONS[stage])
             if new_run and old.run_id is not None:
                 cond(
                     stage,
@@ -473,8 +482,8 @@ def compute_job_decision(
             c.PUBLISHED, False, Reason.PUBLISH_DISABLED, "spec.output.model.serve is false", now, generation
         )
         published = True
-    elif not new_run and old.distilled_model == output.name and c.is_true(old.conditions, c.PUBLISHED):
-        existing = c.get_condition(old.conditions, c.PUBLISHED)
+    elif not new_run and old.distilled_model == output.name and is_true(old.conditions, c.PUBLISHED):
+        existing = get_condition(old.conditions, c.PUBLISHED)
         assert existing is not None
         publish_condition = existing
         published = True
@@ -650,9 +659,9 @@ def _events(
                 events.append(EventSpec(NORMAL, Reason.QUALITY_GATE_PASSED, f"teacher agreement {agreement:.4f}"))
             else:
                 events.append(EventSpec(WARNING, Reason.QUALITY_GATE_FAILED, _gate_message(plan, new.evaluation)))
-    published_before = c.is_true(old.conditions, c.PUBLISHED) and not new_run
-    if c.is_true(new.conditions, c.PUBLISHED) and not published_before:
-        condition_ = c.get_condition(new.conditions, c.PUBLISHED)
+    published_before = is_true(old.conditions, c.PUBLISHED) and not new_run
+    if is_true(new.conditions, c.PUBLISHED) and not published_before:
+        condition_ = get_condition(new.conditions, c.PUBLISHED)
         events.append(EventSpec(NORMAL, Reason.MODEL_PUBLISHED, condition_.message if condition_ else "published"))
     if new.phase != old.phase or new_run:
         if new.phase == JobPhase.SUCCEEDED:

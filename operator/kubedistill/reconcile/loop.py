@@ -46,7 +46,7 @@ from kubedistill.reconcile.observe import (
 )
 from kubedistill.reconcile.serving import ModelObservations, compute_model_decision
 from kubedistill.reconcile.serving_io import decide_adapter, observe_serving
-from kubedistill.reconcile.status import WARNING, EventSpec, apply_conditions, clip, condition, merge_patch
+from kubedistill.reconcile.status import WARNING, EventSpec, apply_conditions, clip, condition, is_true, merge_patch
 
 log = logging.getLogger("kubedistill.reconcile")
 
@@ -127,7 +127,7 @@ async def _invalid_job(cluster: Cluster, raw: Mapping[str, Any], message: str) -
         }
     )
     already = (
-        old.phase == JobPhase.FAILED and c.is_true(old.conditions, c.FAILED) and old.observed_generation == generation
+        old.phase == JobPhase.FAILED and is_true(old.conditions, c.FAILED) and old.observed_generation == generation
     )
     events = [] if already else [EventSpec(WARNING, Reason.INVALID_SPEC, message)]
     await _write_status(cluster, DJ_KIND, raw, status.to_wire(), events)

@@ -33,7 +33,7 @@ from kubedistill.builders.integrations import Capabilities
 from kubedistill.builders.serving import ServingPlan, build_serving_children
 from kubedistill.reconcile.adapters import AdapterObservations, compute_adapter_status, pool_adapter_statuses
 from kubedistill.reconcile.integrations import Ref, integration_conditions, stale_children
-from kubedistill.reconcile.status import NORMAL, WARNING, EventSpec, apply_conditions, condition
+from kubedistill.reconcile.status import NORMAL, WARNING, EventSpec, apply_conditions, condition, get_condition, is_true
 
 
 @dataclass(frozen=True)
@@ -238,15 +238,15 @@ def _model_events(
     events: list[EventSpec] = []
     if current is not None and current != old.current_model:
         events.append(EventSpec(NORMAL, Reason.ROLLOUT_COMPLETE, f"serving {current.uri} at {new.endpoint}"))
-    if c.is_true(new.conditions, c.PROGRESSING) and not c.is_true(old.conditions, c.PROGRESSING):
-        progressing = c.get_condition(new.conditions, c.PROGRESSING)
+    if is_true(new.conditions, c.PROGRESSING) and not is_true(old.conditions, c.PROGRESSING):
+        progressing = get_condition(new.conditions, c.PROGRESSING)
         events.append(EventSpec(NORMAL, Reason.ROLLING_OUT, progressing.message if progressing else "rolling out"))
-    if c.is_true(new.conditions, c.DEGRADED) and not c.is_true(old.conditions, c.DEGRADED):
-        degraded = c.get_condition(new.conditions, c.DEGRADED)
+    if is_true(new.conditions, c.DEGRADED) and not is_true(old.conditions, c.DEGRADED):
+        degraded = get_condition(new.conditions, c.DEGRADED)
         reason = degraded.reason if degraded else Reason.REPLICAS_UNAVAILABLE
         events.append(EventSpec(WARNING, reason, degraded.message if degraded else "degraded"))
     if new.phase != old.phase and new.phase in (ModelPhase.READY, ModelPhase.FAILED, ModelPhase.PENDING):
-        ready = c.get_condition(new.conditions, c.READY)
+        ready = get_condition(new.conditions, c.READY)
         kind = NORMAL if new.phase == ModelPhase.READY else WARNING
         reason = ready.reason if ready else str(new.phase)
         events.append(EventSpec(kind, reason, f"{new.phase}: {ready.message if ready else ''}"))

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kubedistill.api.conditions import ConditionStatus, set_condition
+from kubedistill.api.conditions import ConditionStatus
 from kubedistill.api.v1alpha1 import Condition
 
 NORMAL = "Normal"
@@ -66,3 +66,39 @@ def merge_patch(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[s
         elif before != value or key not in old:
             patch[key] = value
     return patch or None
+
+
+# --------------------------------------------------------------------------- conditions
+
+
+def get_condition(conditions: Iterable[Condition], type_: str) -> Condition | None:
+    """The condition of this type, or None."""
+    return next((c for c in conditions if c.type == type_), None)
+
+
+def is_true(conditions: Iterable[Condition], type_: str) -> bool:
+    """True when the condition exists with status True."""
+    condition = get_condition(conditions, type_)
+    return condition is not None and condition.status == ConditionStatus.TRUE
+
+
+def set_condition(conditions: list[Condition], new: Condition) -> list[Condition]:
+    """A new list with ``new`` in place of the condition of its type.
+
+    ``lastTransitionTime`` is kept from the old condition unless ``status``
+    flips, so that writing the same condition twice changes nothing. Order is
+    kept; a new type is appended.
+    """
+    result: list[Condition] = []
+    replaced = False
+    for old in conditions:
+        if old.type != new.type:
+            result.append(old)
+            continue
+        replaced = True
+        if old.status == new.status:
+            new = new.model_copy(update={"last_transition_time": old.last_transition_time})
+        result.append(new)
+    if not replaced:
+        result.append(new)
+    return result
