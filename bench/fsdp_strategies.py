@@ -4,7 +4,7 @@
     python bench/fsdp_strategies.py --hidden 4096 --layers 16 --method full
 
 For a GPU machine: it refuses to run on fewer than 2 CUDA devices (accelerate enables FSDP on
-CUDA devices only; see worker/train_plan.py's FSDP_NEEDS_CUDA). The train worker runs under
+CUDA devices only; see worker/train/decisions.py's FSDP_NEEDS_CUDA). The train worker runs under
 ``torchrun --nproc-per-node <GPUs>`` on a Llama built from a config (random weights, the size
 given) and bench/train_throughput.py's length-skewed dataset, once with
 ``strategy: ddp`` and once with ``strategy: fsdp``, bf16, the same steps and seed. Reported per

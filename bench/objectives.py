@@ -58,7 +58,7 @@ from kubedistill.local.runner import LocalOptions, run_worker  # noqa: E402
 from kubedistill.storage.objectstore import LocalStore  # noqa: E402
 from kubedistill.worker import metrics  # noqa: E402
 from kubedistill.worker.topk import decode, encode, from_ids, from_strings  # noqa: E402
-from kubedistill.worker.train_data import download_shards, read_manifest, read_records  # noqa: E402
+from kubedistill.worker.train.data import download_shards, read_manifest, read_records  # noqa: E402
 
 WORK = Path.home() / ".cache" / "kubedistill" / "bench" / "objectives"
 RESULTS = REPO_ROOT / "bench" / "results" / "objectives.json"

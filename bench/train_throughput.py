@@ -20,7 +20,7 @@ ratios are taken inside this one run:
 
 With packing, trl concatenates a micro-batch's packed rows into one padding-free sequence;
 without flash-attention (CPU, or a GPU without flash-attn) the worker instead runs one packed
-row per micro-batch and accumulates to the same batch (``train_plan.batch_layout``): the same
+row per micro-batch and accumulates to the same batch (``train.decisions.batch_layout``): the same
 rows per optimizer step and the same token-weighted loss, which the loss column shows.
 
 tokens/s = real (non-padding) tokens of the epoch / the Trainer's ``train_runtime`` (the
@@ -57,7 +57,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from kubedistill.storage.objectstore import LocalStore  # noqa: E402
-from kubedistill.worker.train_plan import load_dtype_name  # noqa: E402
+from kubedistill.worker.train.decisions import load_dtype_name  # noqa: E402
 from tests.support.datasets import skewed_lengths_task, task_corpus, trl_rows, write_dataset  # noqa: E402
 from tests.support.tiny_model import build_tiny_chat_model  # noqa: E402
 

@@ -12,7 +12,7 @@ from kubedistill.api.worker_config import StorageSettings
 from kubedistill.storage.objectstore import S3Store
 from kubedistill.worker import common
 from kubedistill.worker.__main__ import run_stage
-from kubedistill.worker.train_export import publish, write_metadata
+from kubedistill.worker.train.export import publish, write_metadata
 from tests.support.tiny_model import cached_tiny_chat_model
 
 pytestmark = pytest.mark.worker

@@ -19,8 +19,8 @@ from kubedistill.worker import common
 from kubedistill.worker.__main__ import run_stage
 from kubedistill.worker.common import WorkerError
 from kubedistill.worker.fetch import fetch_model
-from kubedistill.worker.train_data import to_trl_record
-from kubedistill.worker.train_kd import KD_IDS, KD_LOGPROBS, add_kd_targets, kd_loss
+from kubedistill.worker.train.data import to_trl_record
+from kubedistill.worker.train.kd import KD_IDS, KD_LOGPROBS, add_kd_targets, kd_loss
 from tests.support.datasets import copy_task, make_records, task_corpus, teacher_topk, write_dataset
 from tests.support.tiny_model import build_tiny_chat_model, cached_tiny_chat_model
 from tests.support.train_worker import SUBPROCESS_ENV, Worker, s3_keys, wait_for_step
@@ -126,8 +126,8 @@ def test_kd_loss_gradient_pulls_the_student_toward_the_teacher() -> None:
 
 def test_trl_accepts_the_on_policy_arguments() -> None:
     from kubedistill.api.worker_config import TrainConfig
-    from kubedistill.worker.train_onpolicy import config_class
-    from kubedistill.worker.train_plan import on_policy_arguments
+    from kubedistill.worker.train.decisions import on_policy_arguments
+    from kubedistill.worker.train.onpolicy import config_class
 
     for settings in ({}, {"divergence": "forwardKL", "topK": 5}):
         config = TrainConfig.model_validate(

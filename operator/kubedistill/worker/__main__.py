@@ -36,7 +36,7 @@ from kubedistill.worker.common import (
 STAGE_MODULES = {
     "generate": "kubedistill.worker.generate",
     "estimate": "kubedistill.worker.estimate",
-    "train": "kubedistill.worker.train",
+    "train": "kubedistill.worker.train.run",
     "evaluate": "kubedistill.worker.evaluate",
     "fetch": "kubedistill.worker.fetch",
 }

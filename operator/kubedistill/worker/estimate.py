@@ -4,7 +4,7 @@
     kubedistill local run job.yaml --estimate
 
 Reads the generate stage's own config, loads the answer store and plans exactly as generate
-does (teacher/plan.py): the answers still missing, their prompt tokens (counted with an in-pod
+does (teacher/census.py): the answers still missing, their prompt tokens (counted with an in-pod
 teacher's tokenizer, downloaded without its weights; estimated for an API teacher) plus
 ``maxTokens`` per answer, priced with ``teacher.pricing``. The result (a TeacherSpend with
 ``projected`` set) is the termination message of the generate pod's init container, so the
@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from kubedistill.api.worker_config import GenerateConfig
-from kubedistill.worker.generate import fetch_sources, load_answers, log_projection, plan_run
+from kubedistill.worker.generate import census_run, fetch_sources, load_answers, log_projection
+from kubedistill.worker.teacher.census import RunStats
 from kubedistill.worker.teacher.offline_pass import OfflineTeacher
-from kubedistill.worker.teacher.plan import RunStats
 from kubedistill.worker.teacher.spend import prices_for, prompt_counter, spend_report
 
 CONFIG = GenerateConfig
@@ -39,10 +39,10 @@ def main(config: GenerateConfig) -> dict[str, Any]:
         if config.teacher.vllm is not None:
             tokenizer = OfflineTeacher(config, work).tokenizer()  # the tokenizer files only, never the weights
         counter, counted_with = prompt_counter(tokenizer)
-        plan, _ = plan_run(config, sources, answers, RunStats(), counter, counted_with)
-        assert plan.projection is not None
-        projected = plan.projection.result(prices_for(config.teacher))
+        census, _ = census_run(config, sources, answers, RunStats(), counter, counted_with)
+        assert census.projection is not None
+        projected = census.projection.result(prices_for(config.teacher))
         log_projection(config, projected)
-        return spend_report(config.teacher, None, projected, plan.stored).to_wire()
+        return spend_report(config.teacher, None, projected, census.stored).to_wire()
     finally:
         shutil.rmtree(work, ignore_errors=True)

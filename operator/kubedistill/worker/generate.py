@@ -14,7 +14,7 @@
 The stage makes three streaming passes over the prompt set (so millions of
 prompts never sit in memory at once):
 
-1. plan: parse and validate every line, dedupe, split train/eval by content
+1. census: parse and validate every line, dedupe, split train/eval by content
    hash, look each answer key up in the answer store (loaded first), and
    project what the missing answers may cost (logged before any request);
 2. ask: the prompts with missing answers go through a bounded queue to a fixed
@@ -75,11 +75,11 @@ from kubedistill.storage.objectstore import (
 )
 from kubedistill.worker.common import WorkerError
 from kubedistill.worker.teacher.batch import BatchPass
+from kubedistill.worker.teacher.census import Census, Failure, RunStats, project_missing, take_census
 from kubedistill.worker.teacher.keys import settings_digest, teacher_settings
 from kubedistill.worker.teacher.measure import measure_endpoint, measure_offline, probe_conversations
 from kubedistill.worker.teacher.offline_pass import OfflineTeacher, ask_offline
 from kubedistill.worker.teacher.online import EndpointPass
-from kubedistill.worker.teacher.plan import Failure, Plan, RunStats, make_plan, project_missing
 from kubedistill.worker.teacher.prompts import Prompt, Rejected, ScanOptions, Source, scan
 from kubedistill.worker.teacher.shards import (
     Shard,
@@ -102,7 +102,7 @@ from kubedistill.worker.teacher.store import Answer, AnswerStore
 from kubedistill.worker.teacher.writer import DatasetWriter
 
 # Re-exported for callers that read the run's statistics (bench/, tests).
-__all__ = ["CONFIG", "Failure", "Plan", "RunStats", "main", "run"]
+__all__ = ["CONFIG", "Census", "Failure", "RunStats", "main", "run"]
 
 CONFIG = GenerateConfig
 log = logging.getLogger("kubedistill.worker.generate")
@@ -162,22 +162,22 @@ def _generate(
         )
     teacher = config.teacher
     counter, counted_with = prompt_counter(offline.tokenizer() if offline is not None else None)
-    plan, options = plan_run(config, sources, answers, stats, counter, counted_with, shard)
+    census, options = census_run(config, sources, answers, stats, counter, counted_with, shard)
     ledger = stats.ledger = new_ledger(teacher)
-    assert plan.projection is not None
-    projected = plan.projection.result(ledger.prices)
+    assert census.projection is not None
+    projected = census.projection.result(ledger.prices)
     log_projection(config, projected)
 
     failures: list[Failure] = []
-    if plan.to_ask:
+    if census.to_ask:
         start = time.monotonic()
         if teacher.endpoint is not None and teacher.endpoint.mode == "batch":
-            failures = BatchPass(config, sources, options, answers, plan, stats, ledger, work).run()
+            failures = BatchPass(config, sources, options, answers, census, stats, ledger, work).run()
         elif teacher.endpoint is not None:
-            failures = asyncio.run(EndpointPass(config, sources, options, answers, plan, stats, ledger).run())
+            failures = asyncio.run(EndpointPass(config, sources, options, answers, census, stats, ledger).run())
         else:
             assert offline is not None
-            failures = ask_offline(offline, sources, options, answers, plan, stats, ledger, counter)
+            failures = ask_offline(offline, sources, options, answers, census, stats, ledger, counter)
         stats.ask_seconds = time.monotonic() - start
         log.info(
             "generate asked: answered=%d failed_prompts=%d seconds=%.1f store_batches=%d spent=%s",
@@ -186,30 +186,32 @@ def _generate(
         )  # fmt: skip
     if ledger.exhausted:
         remaining = project_missing(sources, options, answers, teacher.sampling.max_tokens, counter)
-        stopped = budget_exceeded(teacher, ledger, projected, plan.stored, remaining, stats.answered)
+        stopped = budget_exceeded(teacher, ledger, projected, census.stored, remaining, stats.answered)
         write_spend(config, TeacherSpend.model_validate(stopped.payload["spend"]))
         raise stopped
 
     reasons = {key: failure.reason for failure in failures for key in failure.keys}
-    spend = spend_report(teacher, ledger, projected, plan.stored)
+    reused = census.stored
+    others: list[ShardReport] = []
     if shard.sharded:
-        own = ShardReport(index=shard.index, requested=stats.requested, reused=plan.stored, failures=reasons,
-                          spend=spend)  # fmt: skip
+        own = ShardReport(index=shard.index, requested=stats.requested, reused=reused, failures=reasons,
+                          spend=spend_report(teacher, ledger, projected, reused))  # fmt: skip
         if shard.index > 0:
             write_report(store_for(config.output_uri, config), config.output_uri, shard, own)
             return own
-        reports = [own, *collect_shards(config, shard)]
+        others = collect_shards(config, shard)
         answers = load_answers(config, stats)  # every shard's answers
-        plan.stored, stats.requested = sum(r.reused for r in reports), sum(r.requested for r in reports)
-        reasons = {key: reason for r in reports for key, reason in r.failures.items()}
-        spend = combined_spend(whole, [r.spend for r in reports]) or spend
+        census.stored = reused + sum(r.reused for r in others)
+        stats.requested += sum(r.requested for r in others)
+        reasons = {key: reason for r in [own, *others] for key, reason in r.failures.items()}
         config = config.model_copy(update={"teacher": whole})
 
     start = time.monotonic()
-    result = write_dataset(config, sources, options, answers, plan, reasons, stats, work)
+    result = write_dataset(config, sources, options, answers, census, reasons, stats, work)
     stats.write_seconds = time.monotonic() - start
     result.teacher_speed = measure_teacher(config, sources, options, ledger, offline)
-    result.spend = spend
+    spend = spend_report(teacher, ledger, projected, reused)  # the speed probe is billed too
+    result.spend = (combined_spend(whole, [spend, *(r.spend for r in others)]) if others else None) or spend
     write_spend(config, result.spend)
     return result
 
@@ -248,7 +250,7 @@ def load_answers(config: GenerateConfig, stats: RunStats) -> AnswerStore:
     return answers
 
 
-def plan_run(
+def census_run(
     config: GenerateConfig,
     sources: list[Source],
     answers: AnswerStore,
@@ -256,27 +258,27 @@ def plan_run(
     counter: PromptCounter,
     counted_with: str,
     shard: Shard | None = None,
-) -> tuple[Plan, ScanOptions]:
+) -> tuple[Census, ScanOptions]:
     """Pass 1, logged; a prompt set with nothing usable is an error."""
     teacher = config.teacher
     start = time.monotonic()
     options = scan_options(config)
     if shard is not None and shard.sharded:
         options.owns = shard.owns
-    plan = make_plan(sources, options, answers, teacher.sampling.max_tokens, counter, counted_with)
-    options.split_overrides = plan.split_overrides
+    census = take_census(sources, options, answers, teacher.sampling.max_tokens, counter, counted_with)
+    options.split_overrides = census.split_overrides
     stats.plan_seconds = time.monotonic() - start
     log.info(
-        "generate plan: prompts=%d train=%d eval=%d malformed=%d too_long=%d duplicates=%d "
+        "generate census: prompts=%d train=%d eval=%d malformed=%d too_long=%d duplicates=%d "
         "answers_stored=%d answers_to_ask=%d teacher=%s",
-        plan.prompts, plan.train, plan.eval, plan.malformed, plan.too_long, plan.duplicates,
-        plan.stored, plan.to_ask, teacher.model_name,
+        census.prompts, census.train, census.eval, census.malformed, census.too_long, census.duplicates,
+        census.stored, census.to_ask, teacher.model_name,
     )  # fmt: skip
-    if plan.prompts == 0:
+    if census.prompts == 0:
         raise WorkerError(
-            f"no usable prompts in {config.prompts}: {plan.malformed} malformed, {plan.too_long} too long"
+            f"no usable prompts in {config.prompts}: {census.malformed} malformed, {census.too_long} too long"
         )
-    return plan, options
+    return census, options
 
 
 def log_projection(config: GenerateConfig, projected: SpendProjection) -> None:
@@ -390,7 +392,7 @@ def write_dataset(
     sources: list[Source],
     options: ScanOptions,
     answers: AnswerStore,
-    plan: Plan,
+    census: Census,
     reasons: Mapping[str, str],
     stats: RunStats,
     work: Path,
@@ -404,11 +406,11 @@ def write_dataset(
     )
     writer.begin()
     counts = DatasetCounts(
-        prompts=plan.prompts,
-        malformed=plan.malformed,
-        too_long=plan.too_long,
-        duplicates=plan.duplicates,
-        reused=plan.stored,
+        prompts=census.prompts,
+        malformed=census.malformed,
+        too_long=census.too_long,
+        duplicates=census.duplicates,
+        reused=census.stored,
         requested=stats.requested,
     )
     failed_prompts = 0
@@ -442,11 +444,11 @@ def write_dataset(
         failed_prompts += prompt_failed
     counts.failed = failed_prompts
 
-    fraction = failed_prompts / plan.prompts
+    fraction = failed_prompts / census.prompts
     if fraction > config.max_failure_fraction:
         where = writer.write_failures()
         raise WorkerError(
-            f"the teacher failed for {failed_prompts} of {plan.prompts} prompts ({fraction:.1%} > maxFailureFraction "
+            f"the teacher failed for {failed_prompts} of {census.prompts} prompts ({fraction:.1%} > maxFailureFraction "
             f"{config.max_failure_fraction:.1%}), e.g. {first_reason}; answers so far are stored, details in "
             f"{config.output_uri.rstrip('/')}/{where}"
         )

@@ -46,8 +46,8 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_rand
 from kubedistill.api.worker_config import GenerateConfig
 from kubedistill.storage.objectstore import StorageError, join
 from kubedistill.worker.common import Preempted, WorkerError
+from kubedistill.worker.teacher.census import Census, Failure, RunStats, missing_work
 from kubedistill.worker.teacher.endpoint import FATAL_STATUS, chat_payload, parse_completion, scrub
-from kubedistill.worker.teacher.plan import Failure, Plan, RunStats, missing_work
 from kubedistill.worker.teacher.prompts import Prompt, ScanOptions, Source
 from kubedistill.worker.teacher.spend import Charge, Ledger, prompt_upper_bound, usage_from_response, worst_case
 from kubedistill.worker.teacher.store import AnswerStore
@@ -158,7 +158,7 @@ class BatchPass:
         sources: list[Source],
         options: ScanOptions,
         answers: AnswerStore,
-        plan: Plan,
+        census: Census,
         stats: RunStats,
         ledger: Ledger,
         work: Path,
@@ -166,7 +166,7 @@ class BatchPass:
         spec = config.teacher.endpoint
         assert spec is not None
         self.config, self.spec, self.settings = config, spec, spec.batch
-        self.sources, self.options, self.answers, self.plan, self.stats = sources, options, answers, plan, stats
+        self.sources, self.options, self.answers, self.census, self.stats = sources, options, answers, census, stats
         self.ledger = ledger
         self.work = work
         self.max_tokens = config.teacher.sampling.max_tokens

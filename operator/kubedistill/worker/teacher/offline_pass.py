@@ -14,7 +14,7 @@ from typing import Any
 from kubedistill.api.worker_config import GenerateConfig
 from kubedistill.storage.objectstore import ObjectStore, is_s3, open_store
 from kubedistill.worker.common import Preempted
-from kubedistill.worker.teacher.plan import Failure, Plan, RunStats, missing_work
+from kubedistill.worker.teacher.census import Census, Failure, RunStats, missing_work
 from kubedistill.worker.teacher.progress import Progress
 from kubedistill.worker.teacher.prompts import Prompt, ScanOptions, Source
 from kubedistill.worker.teacher.spend import Ledger, PromptCounter, worst_case
@@ -59,7 +59,7 @@ def ask_offline(
     sources: list[Source],
     options: ScanOptions,
     answers: AnswerStore,
-    plan: Plan,
+    census: Census,
     stats: RunStats,
     ledger: Ledger,
     counter: PromptCounter,
@@ -73,7 +73,7 @@ def ask_offline(
     max_tokens = config.teacher.sampling.max_tokens
     failures: list[Failure] = []
     prompts_by_item: dict[int, Prompt] = {}
-    progress = Progress(plan.to_ask, config.progress, label=spec.model, reused=plan.stored)
+    progress = Progress(census.to_ask, config.progress, label=spec.model, reused=census.stored)
 
     def items() -> Iterator[OfflineItem]:
         for prompt, keys in missing_work(sources, options, answers):

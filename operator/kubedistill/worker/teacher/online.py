@@ -26,9 +26,9 @@ from typing import Any
 
 from kubedistill.api.worker_config import GenerateConfig
 from kubedistill.worker.common import EXIT_INTERNAL, Preempted, WorkerError, exit_deadline, on_sigterm
+from kubedistill.worker.teacher.census import Census, Failure, RunStats, missing_work
 from kubedistill.worker.teacher.endpoint import CallStats, EndpointClient, FatalTeacherError, TeacherCallError
 from kubedistill.worker.teacher.limits import RateLimits
-from kubedistill.worker.teacher.plan import Failure, Plan, RunStats, missing_work
 from kubedistill.worker.teacher.progress import Progress
 from kubedistill.worker.teacher.prompts import Prompt, ScanOptions, Source
 from kubedistill.worker.teacher.spend import BudgetExhausted, Ledger
@@ -81,7 +81,7 @@ class EndpointPass:
         sources: list[Source],
         options: ScanOptions,
         answers: AnswerStore,
-        plan: Plan,
+        census: Census,
         stats: RunStats,
         ledger: Ledger,
     ) -> None:
@@ -93,12 +93,12 @@ class EndpointPass:
         self.sources = sources
         self.options = options
         self.answers = answers
-        self.plan = plan
+        self.census = census
         self.stats = stats
-        self.concurrency = max(1, min(spec.max_concurrency, plan.prompts_to_ask))
+        self.concurrency = max(1, min(spec.max_concurrency, census.prompts_to_ask))
         self.failures: list[Failure] = []
         self.in_flight = 0
-        self.progress = Progress(plan.to_ask, config.progress, label=spec.model, reused=plan.stored)
+        self.progress = Progress(census.to_ask, config.progress, label=spec.model, reused=census.stored)
         # Created in run(): asyncio primitives belong to the running loop.
         self.queue: asyncio.Queue[Entry | None]
         self.stop: asyncio.Event  # SIGTERM: ask nothing new
@@ -116,7 +116,7 @@ class EndpointPass:
         api_key = os.environ.get(self.config.api_key_env)
         if not api_key:
             log.warning("no teacher API key in $%s: sending requests without one", self.config.api_key_env)
-        limits = RateLimits(self.spec.requests_per_minute, self.spec.tokens_per_minute, self.plan.largest_charge)
+        limits = RateLimits(self.spec.requests_per_minute, self.spec.tokens_per_minute, self.census.largest_charge)
         loop = asyncio.get_running_loop()
         installed = _install_sigterm(loop, self.stop)
         try:

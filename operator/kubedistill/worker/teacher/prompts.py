@@ -15,7 +15,7 @@ is *rejected*: counted and reported with its line number, never fatal. A
 prompt seen before (same messages as sent) is a duplicate: it is asked once.
 
 ``scan`` is deterministic and streaming: the generate stage calls it once per
-pass (plan, ask, write) instead of holding millions of prompts in memory.
+pass (census, ask, write) instead of holding millions of prompts in memory.
 """
 
 from __future__ import annotations

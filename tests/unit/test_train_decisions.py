@@ -6,8 +6,8 @@ import pytest
 
 from kubedistill.api.v1alpha1 import LoraSpec, StudentSpec
 from kubedistill.api.worker_config import TrainConfig
-from kubedistill.worker import train_plan as plan
-from kubedistill.worker.train_checkpoint import files_for_rank
+from kubedistill.worker.train import decisions
+from kubedistill.worker.train.checkpoint import files_for_rank
 
 
 def config(**training) -> TrainConfig:
@@ -36,7 +36,7 @@ def test_sft_arguments_carry_every_training_knob():
         seed=7,
         checkpointEverySteps=25,
     )
-    args = plan.sft_arguments(cfg, "bf16", "/tmp/out", cuda=True, varlen_attention=True)
+    args = decisions.sft_arguments(cfg, "bf16", "/tmp/out", cuda=True, varlen_attention=True)
     assert args["num_train_epochs"] == 2
     assert args["max_steps"] == -1
     assert args["learning_rate"] == 1e-4
@@ -55,25 +55,27 @@ def test_sft_arguments_carry_every_training_knob():
 
 
 def test_sft_arguments_on_cpu_are_fp32_and_max_steps_wins():
-    args = plan.sft_arguments(config(maxSteps=10), "fp32", "/tmp/out", cuda=False)
+    args = decisions.sft_arguments(config(maxSteps=10), "fp32", "/tmp/out", cuda=False)
     assert (args["bf16"], args["fp16"], args["use_cpu"]) == (False, False, True)
     assert args["max_steps"] == 10
 
 
 def test_packed_batches_become_accumulated_rows_without_varlen_attention():
     cfg = config(batchSize=8, gradientAccumulationSteps=2, packing=True)
-    cpu = plan.sft_arguments(cfg, "fp32", "/tmp/out", cuda=False)
+    cpu = decisions.sft_arguments(cfg, "fp32", "/tmp/out", cuda=False)
     assert (cpu["per_device_train_batch_size"], cpu["gradient_accumulation_steps"]) == (1, 16)
-    flash = plan.sft_arguments(cfg, "bf16", "/tmp/out", cuda=True, varlen_attention=True)
+    flash = decisions.sft_arguments(cfg, "bf16", "/tmp/out", cuda=True, varlen_attention=True)
     assert (flash["per_device_train_batch_size"], flash["gradient_accumulation_steps"]) == (8, 2)
-    unpacked = plan.sft_arguments(config(batchSize=8, gradientAccumulationSteps=2), "fp32", "/tmp/out", cuda=False)
+    unpacked = decisions.sft_arguments(config(batchSize=8, gradientAccumulationSteps=2), "fp32", "/tmp/out", cuda=False)
     assert (unpacked["per_device_train_batch_size"], unpacked["gradient_accumulation_steps"]) == (8, 2)
 
 
 def test_sft_arguments_are_accepted_by_trl():
     import trl
 
-    args = trl.SFTConfig(**plan.sft_arguments(config(maxSteps=3, packing=True), "fp32", "/tmp/kd-unit", cuda=False))
+    args = trl.SFTConfig(
+        **decisions.sft_arguments(config(maxSteps=3, packing=True), "fp32", "/tmp/kd-unit", cuda=False)
+    )
     assert args.packing and args.max_steps == 3 and not args.bf16
 
 
@@ -88,24 +90,24 @@ def test_sft_arguments_are_accepted_by_trl():
     ],
 )
 def test_choose_precision(requested, cuda, bf16, expected):
-    assert plan.choose_precision(requested, cuda, bf16) == expected
+    assert decisions.choose_precision(requested, cuda, bf16) == expected
 
 
 def test_fp16_on_cpu_is_refused():
-    with pytest.raises(plan.PlanError, match="fp16 needs a CUDA GPU"):
-        plan.choose_precision("fp16", False, False)
+    with pytest.raises(decisions.TrainSpecError, match="fp16 needs a CUDA GPU"):
+        decisions.choose_precision("fp16", False, False)
 
 
 def test_dtypes():
-    assert plan.load_dtype_name("bf16", "lora") == "bfloat16"
-    assert plan.load_dtype_name("bf16", "full") == "float32"  # fp32 master weights under autocast
-    assert plan.load_dtype_name("fp32", "lora") == "float32"
-    assert plan.export_dtype_name("bf16") == "bfloat16"
+    assert decisions.load_dtype_name("bf16", "lora") == "bfloat16"
+    assert decisions.load_dtype_name("bf16", "full") == "float32"  # fp32 master weights under autocast
+    assert decisions.load_dtype_name("fp32", "lora") == "float32"
+    assert decisions.export_dtype_name("bf16") == "bfloat16"
 
 
 def test_lora_arguments():
-    assert plan.lora_arguments(LoraSpec())["target_modules"] == "all-linear"
-    args = plan.lora_arguments(LoraSpec(rank=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    assert decisions.lora_arguments(LoraSpec())["target_modules"] == "all-linear"
+    args = decisions.lora_arguments(LoraSpec(rank=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj"]))
     assert args == {
         "r": 8,
         "lora_alpha": 16,
@@ -118,16 +120,16 @@ def test_lora_arguments():
 
 def test_fingerprint_ignores_checkpoint_frequency_and_export_but_not_data_or_settings():
     base = StudentSpec(model="m")
-    fp = plan.training_fingerprint(base, "d1")
-    assert fp == plan.training_fingerprint(
+    fp = decisions.training_fingerprint(base, "d1")
+    assert fp == decisions.training_fingerprint(
         base.model_copy(update={"training": base.training.model_copy(update={"checkpoint_every_steps": 5})}), "d1"
     )
-    assert fp == plan.training_fingerprint(base.model_copy(update={"export": "adapter"}), "d1")
-    assert fp != plan.training_fingerprint(base, "d2")
-    assert fp != plan.training_fingerprint(
+    assert fp == decisions.training_fingerprint(base.model_copy(update={"export": "adapter"}), "d1")
+    assert fp != decisions.training_fingerprint(base, "d2")
+    assert fp != decisions.training_fingerprint(
         base.model_copy(update={"training": base.training.model_copy(update={"learning_rate": 1e-5})}), "d1"
     )
-    assert fp != plan.training_fingerprint(base.model_copy(update={"method": "full"}), "d1")
+    assert fp != decisions.training_fingerprint(base.model_copy(update={"method": "full"}), "d1")
 
 
 @pytest.mark.parametrize(
@@ -136,47 +138,49 @@ def test_fingerprint_ignores_checkpoint_frequency_and_export_but_not_data_or_set
         ("s3://models/qwen/", "s3", "s3://models/qwen"),
         ("/models/qwen", "local", "/models/qwen"),
         ("file:///models/qwen", "local", "/models/qwen"),
-        ("pvc://weights/qwen", "local", f"{plan.PVC_MOUNT_ROOT}/weights/qwen"),
+        ("pvc://weights/qwen", "local", f"{decisions.PVC_MOUNT_ROOT}/weights/qwen"),
         ("Qwen/Qwen2.5-0.5B-Instruct", "hub", "Qwen/Qwen2.5-0.5B-Instruct"),
     ],
 )
 def test_model_source(model, kind, location):
-    assert plan.model_source(model) == plan.ModelSource(kind, location)
+    assert decisions.model_source(model) == decisions.ModelSource(kind, location)
 
 
 def test_model_source_rejects_nonsense():
-    with pytest.raises(plan.PlanError, match="neither an s3:// prefix"):
-        plan.model_source("http://example.com/model")
+    with pytest.raises(decisions.TrainSpecError, match="neither an s3:// prefix"):
+        decisions.model_source("http://example.com/model")
 
 
 def test_vocabulary_check():
-    plan.check_vocabulary(1000, 1024, {"eos_token_id": 3})  # padded embeddings are normal
-    with pytest.raises(plan.PlanError, match="tokenizer has 2000 tokens but the model's embeddings have 1024 rows"):
-        plan.check_vocabulary(2000, 1024, {})
-    with pytest.raises(plan.PlanError, match="pad_token_id id 5000 is outside"):
-        plan.check_vocabulary(1000, 1024, {"pad_token_id": 5000})
+    decisions.check_vocabulary(1000, 1024, {"eos_token_id": 3})  # padded embeddings are normal
+    with pytest.raises(
+        decisions.TrainSpecError, match="tokenizer has 2000 tokens but the model's embeddings have 1024 rows"
+    ):
+        decisions.check_vocabulary(2000, 1024, {})
+    with pytest.raises(decisions.TrainSpecError, match="pad_token_id id 5000 is outside"):
+        decisions.check_vocabulary(1000, 1024, {"pad_token_id": 5000})
 
 
 def test_context_check():
-    plan.check_context(2048, 2048)
-    plan.check_context(2048, None)
-    with pytest.raises(plan.PlanError, match="maxSeqLength 4096 exceeds the student's context length 2048"):
-        plan.check_context(4096, 2048)
+    decisions.check_context(2048, 2048)
+    decisions.check_context(2048, None)
+    with pytest.raises(decisions.TrainSpecError, match="maxSeqLength 4096 exceeds the student's context length 2048"):
+        decisions.check_context(4096, 2048)
 
 
 def test_adapter_export_needs_lora():
-    plan.check_export(StudentSpec(model="m", method="lora", export="adapter"))
+    decisions.check_export(StudentSpec(model="m", method="lora", export="adapter"))
     # the API refuses it too; the worker checks again for configs built without validation
-    with pytest.raises(plan.PlanError, match=r"export adapter needs student\.method lora"):
-        plan.check_export(StudentSpec.model_construct(model="m", method="full", export="adapter"))
+    with pytest.raises(decisions.TrainSpecError, match=r"export adapter needs student\.method lora"):
+        decisions.check_export(StudentSpec.model_construct(model="m", method="full", export="adapter"))
 
 
 def test_overlapping_uris_are_refused():
-    plan.check_uris("s3://b/run/model", "s3://b/run/checkpoints", "s3://b/run/datasets/k")
-    with pytest.raises(plan.PlanError, match="overlap"):
-        plan.check_uris("s3://b/run", "s3://b/run/checkpoints", "s3://b/ds")
-    with pytest.raises(plan.PlanError, match="overlap"):
-        plan.check_uris("s3://b/run/model", "s3://b/ck", "s3://b/run/model/ds")
+    decisions.check_uris("s3://b/run/model", "s3://b/run/checkpoints", "s3://b/run/datasets/k")
+    with pytest.raises(decisions.TrainSpecError, match="overlap"):
+        decisions.check_uris("s3://b/run", "s3://b/run/checkpoints", "s3://b/ds")
+    with pytest.raises(decisions.TrainSpecError, match="overlap"):
+        decisions.check_uris("s3://b/run/model", "s3://b/ck", "s3://b/run/model/ds")
 
 
 def test_complete_checkpoints_need_their_marker():
@@ -188,7 +192,7 @@ def test_complete_checkpoints_need_their_marker():
         "checkpoint-100/COMPLETE.json",
         "other/COMPLETE.json",
     ]
-    assert plan.complete_checkpoint_steps(keys) == [100, 10, 5]
+    assert decisions.complete_checkpoint_steps(keys) == [100, 10, 5]
 
 
 def test_checkpoints_to_delete_keeps_the_newest_and_partial_newer_ones():
@@ -196,8 +200,8 @@ def test_checkpoints_to_delete_keeps_the_newest_and_partial_newer_ones():
         "checkpoint-15/x",  # stale partial, older than the newest complete: goes
         "checkpoint-40/x",  # newer partial: left alone
     ]
-    assert plan.checkpoints_to_delete(keys, newest_complete=30, keep=2) == [10, 15]
-    assert plan.checkpoints_to_delete(keys, newest_complete=30, keep=5) == [15]
+    assert decisions.checkpoints_to_delete(keys, newest_complete=30, keep=2) == [10, 15]
+    assert decisions.checkpoints_to_delete(keys, newest_complete=30, keep=5) == [15]
 
 
 def test_each_rank_uploads_its_own_rng_state(tmp_path):
@@ -230,13 +234,15 @@ def on_policy_config(**on_policy) -> TrainConfig:
 
 def test_on_policy_arguments_are_trls_server_distillation_settings():
     """trl accepting them is checked in tests/worker/test_objectives.py (trl.experimental imports vLLM)."""
-    reverse = plan.on_policy_arguments(on_policy_config(maxNewTokens=32), "fp32", "/tmp/kd-unit", False, "http://t:1")
+    reverse = decisions.on_policy_arguments(
+        on_policy_config(maxNewTokens=32), "fp32", "/tmp/kd-unit", False, "http://t:1"
+    )
     assert (reverse["beta"], reverse["loss_top_k"], reverse["loss_add_tail"]) == (1.0, 1, True)
     assert reverse["max_completion_length"] == 32 and reverse["teacher_model_server_url"] == "http://t:1"
     assert "max_length" not in reverse and "packing" not in reverse and "completion_only_loss" not in reverse
     assert reverse["max_steps"] == 4 and reverse["learning_rate"] == 1e-4 and not reverse["bf16"]
 
-    forward = plan.on_policy_arguments(
+    forward = decisions.on_policy_arguments(
         on_policy_config(divergence="forwardKL", topK=5, temperature=0.7), "fp32", "/tmp/kd-unit", False, "http://t:1"
     )
     assert (forward["beta"], forward["loss_top_k"], forward["temperature"]) == (0.0, 5, 0.7)
@@ -245,22 +251,22 @@ def test_on_policy_arguments_are_trls_server_distillation_settings():
 def test_fingerprint_of_sft_is_unchanged_and_other_objectives_differ():
     sft = StudentSpec(model="m")
     # the value before objectives existed: an exported sft run is still recognised after the upgrade
-    assert plan.training_fingerprint(sft, "d1") == plan.training_fingerprint(
+    assert decisions.training_fingerprint(sft, "d1") == decisions.training_fingerprint(
         StudentSpec(model="m", objective="sft"), "d1"
     )
     kd = StudentSpec(model="m", objective="kd")
-    assert plan.training_fingerprint(kd, "d1") != plan.training_fingerprint(sft, "d1")
+    assert decisions.training_fingerprint(kd, "d1") != decisions.training_fingerprint(sft, "d1")
     hot = StudentSpec.model_validate({"model": "m", "objective": "kd", "kd": {"temperature": 2.0}})
-    assert plan.training_fingerprint(hot, "d1") != plan.training_fingerprint(kd, "d1")
+    assert decisions.training_fingerprint(hot, "d1") != decisions.training_fingerprint(kd, "d1")
     policy = StudentSpec(model="m", objective="onPolicy")
-    assert plan.training_fingerprint(policy, "d1", "t1") != plan.training_fingerprint(policy, "d1", "t2")
+    assert decisions.training_fingerprint(policy, "d1", "t1") != decisions.training_fingerprint(policy, "d1", "t2")
 
 
 def test_final_losses_name_each_objectives_terms():
-    assert plan.final_losses("sft", {"loss": 0.5, "learning_rate": 1e-4}) == {"loss": 0.5, "ce": 0.5}
-    assert plan.final_losses("kd", {"loss": 0.5, "ce": 0.7, "kl": 0.3}) == {"loss": 0.5, "ce": 0.7, "kl": 0.3}
-    assert plan.final_losses("onPolicy", {"loss": 0.02}) == {"loss": 0.02, "divergence": 0.02}
-    assert plan.final_losses("kd", {}) == {}
+    assert decisions.final_losses("sft", {"loss": 0.5, "learning_rate": 1e-4}) == {"loss": 0.5, "ce": 0.5}
+    assert decisions.final_losses("kd", {"loss": 0.5, "ce": 0.7, "kl": 0.3}) == {"loss": 0.5, "ce": 0.7, "kl": 0.3}
+    assert decisions.final_losses("onPolicy", {"loss": 0.02}) == {"loss": 0.02, "divergence": 0.02}
+    assert decisions.final_losses("kd", {}) == {}
 
 
 # --------------------------------------------------------------------------- strategy (ddp / fsdp)
@@ -282,19 +288,19 @@ GIB = 2**30
     ],
 )
 def test_choose_strategy(requested, world, cuda, method, params, gpu, expected):
-    strategy, why = plan.choose_strategy(requested, world, cuda, method, int(params), gpu)
+    strategy, why = decisions.choose_strategy(requested, world, cuda, method, int(params), gpu)
     assert strategy == expected and why
 
 
 def test_fsdp_on_cpu_is_refused_with_the_reason():
-    with pytest.raises(plan.PlanError, match="accelerate shards a model with FSDP on CUDA devices only"):
-        plan.choose_strategy("fsdp", 2, False, "full", 10**6, None)
+    with pytest.raises(decisions.TrainSpecError, match="accelerate shards a model with FSDP on CUDA devices only"):
+        decisions.choose_strategy("fsdp", 2, False, "full", 10**6, None)
 
 
 def test_fsdp_arguments_shard_each_decoder_layer_and_save_sharded_checkpoints():
     from trl.trainer.sft_config import SFTConfig
 
-    arguments = plan.fsdp_arguments({"LlamaDecoderLayer"})
+    arguments = decisions.fsdp_arguments({"LlamaDecoderLayer"})
     assert arguments["fsdp_config"]["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
     assert arguments["fsdp_config"]["state_dict_type"] == "SHARDED_STATE_DICT"
     config = SFTConfig(output_dir="/tmp/unused", use_cpu=True, report_to="none", **arguments)  # trl accepts them

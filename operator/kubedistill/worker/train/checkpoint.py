@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from kubedistill.storage.objectstore import ObjectStore, StorageError, join, sha256_file
-from kubedistill.worker import train_dist
 from kubedistill.worker.common import WorkerError
-from kubedistill.worker.train_plan import CHECKPOINT_MARKER, checkpoints_to_delete, complete_checkpoint_steps
+from kubedistill.worker.train import dist as train_dist
+from kubedistill.worker.train.decisions import CHECKPOINT_MARKER, checkpoints_to_delete, complete_checkpoint_steps
 
 log = logging.getLogger("kubedistill.worker.train")
 _RNG_FILE = re.compile(r"^rng_state_(\d+)\.pth$")

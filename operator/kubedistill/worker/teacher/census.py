@@ -1,6 +1,6 @@
-"""The generate stage's plan: what the prompt set holds, what is left to ask, and where time went.
+"""The generate stage's census: what the prompt set holds, what is left to ask, and where time went.
 
-Pass 1 (``make_plan``) counts every line, finds the answers missing from the store
+Pass 1 (``take_census``) counts every line, finds the answers missing from the store
 and settles the train/eval split; pass 2 (``missing_work``) streams the prompts
 with missing answers to a teacher. Both scan the prompt files again rather than
 hold millions of prompts in memory.
@@ -20,7 +20,7 @@ from kubedistill.worker.teacher.store import AnswerStore, StoreStats
 
 
 @dataclass
-class Plan:
+class Census:
     """What the prompt set holds and what is left to ask."""
 
     prompts: int = 0
@@ -61,34 +61,34 @@ class RunStats:
     ledger: Ledger | None = None
 
 
-def make_plan(
+def take_census(
     sources: list[Source],
     options: ScanOptions,
     answers: AnswerStore,
     max_tokens: int,
     counter: PromptCounter = estimate_prompt_tokens,
     counted_with: str = "estimate",
-) -> Plan:
+) -> Census:
     """Pass 1: count everything, find what is missing, project its cost, and settle the split.
 
     The split is by content hash; with at least two hashed prompts, one is
     moved so that neither split is empty (the one nearest the boundary), which
     keeps tiny prompt sets usable and stays deterministic.
     """
-    plan = Plan(projection=Projection(max_tokens=max_tokens, counter=counter, counted_with=counted_with))
-    assert plan.projection is not None
+    census = Census(projection=Projection(max_tokens=max_tokens, counter=counter, counted_with=counted_with))
+    assert census.projection is not None
     lowest: Prompt | None = None
     highest: Prompt | None = None
     hashed = hashed_eval = 0
     for item in scan(sources, options):
         if isinstance(item, Rejected):
-            setattr(plan, _COUNTER[item.kind], getattr(plan, _COUNTER[item.kind]) + 1)
+            setattr(census, _COUNTER[item.kind], getattr(census, _COUNTER[item.kind]) + 1)
             continue
-        plan.prompts += 1
+        census.prompts += 1
         if item.split == "eval":
-            plan.eval += 1
+            census.eval += 1
         else:
-            plan.train += 1
+            census.train += 1
         if item.hashed:
             hashed += 1
             hashed_eval += item.split == "eval"
@@ -99,21 +99,21 @@ def make_plan(
         if not options.asks_for(item):
             continue  # another shard's prompt: it asks, stores and counts it
         missing = [key for key in item.keys if key not in answers]
-        plan.stored += len(item.keys) - len(missing)
-        plan.projection.reused += len(item.keys) - len(missing)
+        census.stored += len(item.keys) - len(missing)
+        census.projection.reused += len(item.keys) - len(missing)
         if missing:
-            plan.to_ask += len(missing)
-            plan.prompts_to_ask += 1
-            plan.projection.add(item.messages, len(missing))
-            plan.largest_charge = max(plan.largest_charge, token_charge(item.messages, len(missing), max_tokens))
+            census.to_ask += len(missing)
+            census.prompts_to_ask += 1
+            census.projection.add(item.messages, len(missing))
+            census.largest_charge = max(census.largest_charge, token_charge(item.messages, len(missing), max_tokens))
     if hashed >= 2 and lowest is not None and highest is not None:
         if hashed_eval == 0:
-            plan.split_overrides[lowest.prompt_key] = "eval"
-            plan.eval, plan.train = plan.eval + 1, plan.train - 1
+            census.split_overrides[lowest.prompt_key] = "eval"
+            census.eval, census.train = census.eval + 1, census.train - 1
         elif hashed_eval == hashed:
-            plan.split_overrides[highest.prompt_key] = "train"
-            plan.eval, plan.train = plan.eval - 1, plan.train + 1
-    return plan
+            census.split_overrides[highest.prompt_key] = "train"
+            census.eval, census.train = census.eval - 1, census.train + 1
+    return census
 
 
 _COUNTER = {"malformed": "malformed", "too_long": "too_long", "duplicate": "duplicates"}

@@ -21,10 +21,10 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from kubedistill.api.worker_config import ProgressTarget
-from kubedistill.worker import train_dist
 from kubedistill.worker.common import Preempted, on_sigterm
 from kubedistill.worker.report import ProgressReporter
-from kubedistill.worker.train_checkpoint import CheckpointStore
+from kubedistill.worker.train import dist as train_dist
+from kubedistill.worker.train.checkpoint import CheckpointStore
 
 log = logging.getLogger("kubedistill.worker.train")
 

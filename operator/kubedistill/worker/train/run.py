@@ -25,7 +25,7 @@ What happens, in order:
    empty, output and checkpoint URIs are writable, the tokenizer has a chat
    template (or one is configured), tokenizer and model vocabularies agree,
    maxSeqLength fits the model; objectives kd and onPolicy: teacher and student
-   tokenizers agree (train_kd, train_onpolicy). Each failure is one clear line.
+   tokenizers agree (kd, onpolicy). Each failure is one clear line.
 2. If the output URI already holds this exact training (same fingerprint),
    its result is returned: a re-run after a lost termination message is free.
 3. The student (``s3://`` prefixes are fetched once per node and verified) and
@@ -34,7 +34,7 @@ What happens, in order:
    prompt-completion records, completion-only loss, optional packing, bf16 on
    GPUs and fp32 on CPUs, resumed from the newest complete checkpoint in
    ``checkpointUri`` when there is one. Objective kd: the same trainer with the
-   top-k + tail KL on the teacher's stored distributions (train_kd.py);
+   top-k + tail KL on the teacher's stored distributions (kd.py);
    onPolicy: trl's ServerDistillationTrainer, the student sampling and a vLLM
    teacher scoring (train_onpolicy.py).
 5. Checkpoints go to ``checkpointUri`` every ``checkpointEverySteps`` steps and
@@ -53,13 +53,13 @@ from typing import Any
 
 from kubedistill.api.worker_config import TrainConfig, TrainResult
 from kubedistill.storage.objectstore import ObjectStore, StorageError, join, open_store
-from kubedistill.worker import train_dist
 from kubedistill.worker.common import Preempted, WorkerError
-from kubedistill.worker.train_data import check_not_empty, load_train_records, read_manifest, to_trl_record
-from kubedistill.worker.train_plan import (
+from kubedistill.worker.train import dist as train_dist
+from kubedistill.worker.train.data import check_not_empty, load_train_records, read_manifest, to_trl_record
+from kubedistill.worker.train.decisions import (
     ModelSource,
-    PlanError,
     Strategy,
+    TrainSpecError,
     check_context,
     check_export,
     check_uris,
@@ -92,14 +92,14 @@ def count_parameters(model_config: Any) -> tuple[int, set[str]]:
 
 
 def main(config: TrainConfig) -> dict[str, Any]:
-    from kubedistill.worker.train_callbacks import Preemption
+    from kubedistill.worker.train.callbacks import Preemption
 
     preemption = Preemption()
     preemption.install()
     run = TrainRun(config, preemption)
     try:
         return run.run()
-    except PlanError as err:
+    except TrainSpecError as err:
         raise WorkerError(str(err)) from err
     finally:
         run.stop_teacher()  # objective onPolicy with teacher.vllm: the server started for the run
@@ -169,7 +169,7 @@ class TrainRun:
         teacher_name = config.teacher.model_name if config.teacher is not None else None
         fingerprint = training_fingerprint(self.student, manifest.digest, teacher_name)
 
-        from kubedistill.worker.train_export import existing_export
+        from kubedistill.worker.train.export import existing_export
 
         done = existing_export(self.output_store, config.output_uri, fingerprint, self.student.export)
         if done is not None:
@@ -226,7 +226,7 @@ class TrainRun:
             rows = self.prepare_on_policy(rows, tokenizer, run_dir, state)
         dataset = Dataset.from_list(rows)
 
-        from kubedistill.worker.train_checkpoint import CheckpointStore
+        from kubedistill.worker.train.checkpoint import CheckpointStore
 
         checkpoints = CheckpointStore(
             self.checkpoint_store, config.checkpoint_uri, fingerprint, config.keep_checkpoints
@@ -315,7 +315,7 @@ class TrainRun:
 
             arguments = sft_arguments(self.config, precision, output_dir, cuda, self.flash_attention)
             return SFTConfig(**arguments, **(fsdp_arguments(self.fsdp_layers) if self.strategy == "fsdp" else {}))
-        from kubedistill.worker import train_onpolicy
+        from kubedistill.worker.train import onpolicy as train_onpolicy
 
         assert self.config.teacher is not None
         teacher = self.config.teacher
@@ -330,7 +330,7 @@ class TrainRun:
         self, manifest: Any, records: list[Any], rows: list[dict[str, Any]], tokenizer: Any, run_dir: Path
     ) -> None:
         """Pre-flight (the teacher's vocabulary, each answer's tokens) and the teacher's distributions per row."""
-        from kubedistill.worker.train_kd import add_kd_targets, check_teacher_tokenizer
+        from kubedistill.worker.train.kd import add_kd_targets, check_teacher_tokenizer
 
         names = (f"{manifest.teacher_model} (teacher)", f"{self.student.model} (student)")
         check_teacher_tokenizer(self.dataset_store, self.config.dataset_uri, manifest, tokenizer, run_dir, names)
@@ -340,7 +340,7 @@ class TrainRun:
         self, rows: list[dict[str, Any]], tokenizer: Any, run_dir: Path, state: Any
     ) -> list[dict[str, Any]]:
         """Start (or reach) the teacher, check it tokenizes as the student and scores; the prompts to answer."""
-        from kubedistill.worker import train_onpolicy
+        from kubedistill.worker.train import onpolicy as train_onpolicy
 
         teacher = self.config.teacher
         assert teacher is not None
@@ -461,7 +461,7 @@ class TrainRun:
     ) -> tuple[Any, Any, Any]:
         from trl.trainer.sft_trainer import SFTTrainer
 
-        from kubedistill.worker.train_callbacks import CheckpointCallback, ProgressCallback
+        from kubedistill.worker.train.callbacks import CheckpointCallback, ProgressCallback
 
         peft_config = None
         if self.student.method == "lora":
@@ -480,12 +480,12 @@ class TrainRun:
         }
         try:
             if self.student.objective == "kd":
-                from kubedistill.worker.train_kd import kd_trainer_class
+                from kubedistill.worker.train.kd import kd_trainer_class
 
                 kd = self.student.kd_settings
                 trainer = kd_trainer_class()(**common, alpha=kd.alpha, temperature=kd.temperature, k=self.kd_k)
             elif self.student.objective == "onPolicy":
-                from kubedistill.worker.train_onpolicy import on_policy_trainer_class
+                from kubedistill.worker.train.onpolicy import on_policy_trainer_class
 
                 trainer = on_policy_trainer_class()(**common, client=self.scoring)
             else:
@@ -521,7 +521,7 @@ class TrainRun:
             self.strategy, why = choose_strategy(
                 self.training.strategy, train_dist.env_world_size(), cuda, self.student.method, parameters, gpu_bytes
             )
-        except PlanError as err:
+        except TrainSpecError as err:
             raise WorkerError(str(err)) from err
         log.info("strategy %s: %s", self.strategy, why)
 
@@ -584,7 +584,7 @@ class TrainRun:
         import transformers
         import trl
 
-        from kubedistill.worker.train_export import publish, save_export, write_metadata
+        from kubedistill.worker.train.export import publish, save_export, write_metadata
 
         dest = run_dir / "export"
         if dest.exists():

@@ -27,7 +27,7 @@ _MARKER_KEY = re.compile(r"^checkpoint-(\d+)/" + re.escape(CHECKPOINT_MARKER) + 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
-class PlanError(ValueError):
+class TrainSpecError(ValueError):
     """A spec that cannot run here; the message is the user-facing one-line reason."""
 
 
@@ -52,14 +52,14 @@ def training_bytes(parameters: int, method: str) -> int:
 def choose_strategy(
     requested: str, world_size: int, cuda: bool, method: str, parameters: int, gpu_bytes: int | None
 ) -> tuple[Strategy, str]:
-    """How the processes share the work, and why (a log line). Raises PlanError for fsdp without GPUs."""
+    """How the processes share the work, and why (a log line). Raises TrainSpecError for fsdp without GPUs."""
     if world_size <= 1:
         return "single", "one process"
     if requested == "ddp":
         return "ddp", "spec.student.training.strategy is ddp"
     if requested == "fsdp":
         if not cuda:
-            raise PlanError(FSDP_NEEDS_CUDA)
+            raise TrainSpecError(FSDP_NEEDS_CUDA)
         return "fsdp", "spec.student.training.strategy is fsdp"
     if not cuda or not gpu_bytes:
         return "ddp", "auto: no GPU (FSDP runs on GPUs only)"
@@ -96,9 +96,9 @@ def choose_precision(requested: str, cuda: bool, bf16_supported: bool) -> Precis
             return "fp32"
         return "bf16" if bf16_supported else "fp16"
     if requested == "fp16" and not cuda:
-        raise PlanError("training.precision fp16 needs a CUDA GPU; use auto, fp32 or bf16 on CPU")
+        raise TrainSpecError("training.precision fp16 needs a CUDA GPU; use auto, fp32 or bf16 on CPU")
     if requested == "bf16" and cuda and not bf16_supported:
-        raise PlanError("training.precision bf16 is not supported by this GPU; use auto or fp16")
+        raise TrainSpecError("training.precision bf16 is not supported by this GPU; use auto or fp16")
     return requested  # type: ignore[return-value]
 
 
@@ -274,13 +274,13 @@ def model_source(model: str) -> ModelSource:
     if model.startswith("pvc://"):
         rest = model[len("pvc://") :].strip("/")
         if not rest:
-            raise PlanError(f"student model {model!r}: expected pvc://<claim>/<path>")
+            raise TrainSpecError(f"student model {model!r}: expected pvc://<claim>/<path>")
         return ModelSource("local", f"{PVC_MOUNT_ROOT}/{rest}")
     if model.startswith(("/", "./", "../", "~")):
         return ModelSource("local", model)
     if _HUB_ID.match(model):
         return ModelSource("hub", model)
-    raise PlanError(f"student model {model!r} is neither an s3:// prefix, a path, nor a hub id (org/name)")
+    raise TrainSpecError(f"student model {model!r} is neither an s3:// prefix, a path, nor a hub id (org/name)")
 
 
 # --------------------------------------------------------------------------- pre-flight checks on numbers
@@ -288,19 +288,19 @@ def model_source(model: str) -> ModelSource:
 
 def check_export(student: StudentSpec) -> None:
     if student.export == "adapter" and student.method != "lora":
-        raise PlanError("student.export adapter needs student.method lora (full fine-tuning has no adapter)")
+        raise TrainSpecError("student.export adapter needs student.method lora (full fine-tuning has no adapter)")
 
 
 def check_vocabulary(tokenizer_size: int, embedding_rows: int, special_ids: dict[str, int | None]) -> None:
     """The tokenizer must not produce ids the model has no embedding for."""
     if tokenizer_size > embedding_rows:
-        raise PlanError(
+        raise TrainSpecError(
             f"tokenizer and model disagree: the tokenizer has {tokenizer_size} tokens but the model's embeddings "
             f"have {embedding_rows} rows (is the tokenizer from another model?)"
         )
     for name, token_id in sorted(special_ids.items()):
         if token_id is not None and not 0 <= token_id < embedding_rows:
-            raise PlanError(
+            raise TrainSpecError(
                 f"tokenizer and model disagree: {name} id {token_id} is outside the model's {embedding_rows} embeddings"
             )
 
@@ -308,7 +308,7 @@ def check_vocabulary(tokenizer_size: int, embedding_rows: int, special_ids: dict
 def check_context(max_seq_length: int, model_context: int | None) -> None:
     """training.maxSeqLength must fit the student's position embeddings."""
     if model_context is not None and max_seq_length > model_context:
-        raise PlanError(
+        raise TrainSpecError(
             f"training.maxSeqLength {max_seq_length} exceeds the student's context length {model_context} "
             "(max_position_embeddings); lower maxSeqLength"
         )
@@ -341,6 +341,6 @@ def check_uris(output_uri: str, checkpoint_uri: str, dataset_uri: str) -> None:
 
     for name, uri in (("checkpointUri", checkpoint_uri), ("datasetUri", dataset_uri)):
         if inside(uri, output_uri) or inside(output_uri, uri):
-            raise PlanError(
+            raise TrainSpecError(
                 f"outputUri {output_uri} and {name} {uri} overlap: the export replaces what is under outputUri"
             )
