@@ -1,4 +1,4 @@
-"""kopf registrations, and nothing else: every handler is one call into the runtime (reconcile/).
+"""kopf registrations, and nothing else: every handler is one call into the scheduler (reconcile/).
 
     kubedistill operator                       # every namespace
     kubedistill operator --namespace ml-team   # one namespace (repeatable)
@@ -40,9 +40,9 @@ from kubedistill.api.v1alpha1 import GROUP, VERSION
 from kubedistill.builders import names
 from kubedistill.kube.client import KubeClient, KubeError
 from kubedistill.kube.pacing import Priority
-from kubedistill.reconcile.loop import InvalidSpec
+from kubedistill.reconcile.cycle import InvalidSpec
 from kubedistill.reconcile.observe import compact_job
-from kubedistill.runtime import Runtime
+from kubedistill.scheduler import Scheduler
 from kubedistill.telemetry import Health, OperatorMetrics
 
 log = logging.getLogger("kubedistill.handlers")
@@ -89,17 +89,17 @@ async def _handled(call: Any) -> None:
         raise kopf.TemporaryError(str(err), delay=5 if err.retryable else 30) from err
 
 
-def _runtime(memo: Any) -> Runtime:
-    runtime: Runtime = memo.runtime
-    return runtime
+def _scheduler(memo: Any) -> Scheduler:
+    scheduler: Scheduler = memo.scheduler
+    return scheduler
 
 
-async def _resync(runtime: Runtime, interval: float) -> None:
+async def _resync(scheduler: Scheduler, interval: float) -> None:
     """Kick every run in flight once per interval, spread out so that N runs do not arrive at once."""
     while True:
-        jobs = [key for key, phases in (runtime.job_phases or {}).items() if set(phases) & ACTIVE_PHASES]
-        models = [key for key, phases in (runtime.model_phases or {}).items() if set(phases) & ACTIVE_MODEL_PHASES]
-        kicks = [(runtime.kick_job, key) for key in jobs] + [(runtime.kick_model, key) for key in models]
+        jobs = [key for key, phases in (scheduler.job_phases or {}).items() if set(phases) & ACTIVE_PHASES]
+        models = [key for key, phases in (scheduler.model_phases or {}).items() if set(phases) & ACTIVE_MODEL_PHASES]
+        kicks = [(scheduler.kick_job, key) for key in jobs] + [(scheduler.kick_model, key) for key in models]
         if not kicks:
             await asyncio.sleep(interval)
             continue
@@ -136,9 +136,9 @@ def register(
     @kopf.on.startup(id="startup", registry=registry)
     async def startup(*, settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
         configure_kopf(settings, ours)
-        runtime = Runtime(ours, KubeClient(ours.reconcile), metrics)
-        memo.runtime = runtime
-        memo.resync = asyncio.create_task(_resync(runtime, ours.reconcile.resync_seconds))
+        scheduler = Scheduler(ours, KubeClient(ours.reconcile), metrics)
+        memo.scheduler = scheduler
+        memo.resync = asyncio.create_task(_resync(scheduler, ours.reconcile.resync_seconds))
         memo.heartbeat = asyncio.create_task(_heartbeat(health))
         health.leading = True
         log.info(
@@ -152,9 +152,9 @@ def register(
     async def cleanup(*, memo: Any, **_: Any) -> None:
         memo.resync.cancel()
         memo.heartbeat.cancel()
-        runtime = _runtime(memo)
-        log.info("kubedistill operator stops: %s", runtime.summary())
-        await runtime.close()
+        scheduler = _scheduler(memo)
+        log.info("kubedistill operator stops: %s", scheduler.summary())
+        await scheduler.close()
 
     # ------------------------------------------------------------------ indices (watch caches)
 
@@ -186,15 +186,15 @@ def register(
         job = labels.get(names.LABEL_JOB)
         return {(namespace, job): compact_job(body)} if job else None
 
-    def bind(memo: Any, kwargs: Mapping[str, Any]) -> Runtime:
-        runtime = _runtime(memo)
-        runtime.jobs_index = kwargs["stage_jobs"]
-        runtime.job_phases = kwargs["distillation_job_phases"]
-        runtime.model_phases = kwargs["distilled_model_phases"]
-        runtime.models_following = kwargs["models_following"]
-        runtime.progress_index = kwargs["stage_progress"]
-        runtime.pool_members = kwargs["pool_members"]
-        return runtime
+    def bind(memo: Any, kwargs: Mapping[str, Any]) -> Scheduler:
+        scheduler = _scheduler(memo)
+        scheduler.jobs_index = kwargs["stage_jobs"]
+        scheduler.job_phases = kwargs["distillation_job_phases"]
+        scheduler.model_phases = kwargs["distilled_model_phases"]
+        scheduler.models_following = kwargs["models_following"]
+        scheduler.progress_index = kwargs["stage_progress"]
+        scheduler.pool_members = kwargs["pool_members"]
+        return scheduler
 
     # ------------------------------------------------------------------ DistillationJob
 
@@ -211,9 +211,9 @@ def register(
         # A run that just succeeded has a new model for the DistilledModels that follow it.
         if (status or {}).get("phase") != "Succeeded":
             return
-        runtime = bind(memo, kwargs)
-        for model in runtime.models_following.get((namespace, name), ()):
-            runtime.kick_model(namespace or "", model)
+        scheduler = bind(memo, kwargs)
+        for model in scheduler.models_following.get((namespace, name), ()):
+            scheduler.kick_model(namespace or "", model)
 
     @kopf.on.event("batch", "v1", "jobs", labels=MANAGED, id="stage_job_event", registry=registry)
     async def stage_job_event(
@@ -260,12 +260,12 @@ def register(
         model = labels.get(names.LABEL_MODEL)
         if not model:
             return
-        runtime = bind(memo, kwargs)
-        members = list(runtime.pool_members.get((namespace, model), ()))
+        scheduler = bind(memo, kwargs)
+        members = list(scheduler.pool_members.get((namespace, model), ()))
         if not members:
             return  # a plain model follows its Deployment; only pools count per-pod reports
-        runtime.kick_model(namespace or "", model)
+        scheduler.kick_model(namespace or "", model)
         for member in members:
-            runtime.kick_model(namespace or "", member)
+            scheduler.kick_model(namespace or "", member)
 
     return registry

@@ -56,7 +56,7 @@ from kubedistill.api.worker_config import EvaluateResult, GenerateResult
 from kubedistill.reconcile.distillation import StageFinished
 
 if TYPE_CHECKING:
-    from kubedistill.runtime import Runtime
+    from kubedistill.scheduler import Scheduler
 
 log = logging.getLogger("kubedistill.telemetry")
 
@@ -100,12 +100,12 @@ class OperatorMetrics:
             registry=r,
         )
         self.leader = Gauge("kubedistill_leader", "1 on the replica that reconciles, 0 on a standby.", registry=r)
-        self.runtime_view = _RuntimeCollector()
-        r.register(self.runtime_view)
+        self.scheduler_view = _RuntimeCollector()
+        r.register(self.scheduler_view)
 
-    def bind(self, runtime: Runtime) -> None:
-        """Count the runtime's queues and kopf's indices at every scrape."""
-        self.runtime_view.runtime = runtime
+    def bind(self, scheduler: Scheduler) -> None:
+        """Count the scheduler's queues and kopf's indices at every scrape."""
+        self.scheduler_view.scheduler = scheduler
 
     def observe_reconcile(self, kind: str, seconds: float, finished: Iterable[StageFinished] = ()) -> None:
         self.reconcile_seconds.labels(kind).observe(seconds)
@@ -144,25 +144,25 @@ class OperatorMetrics:
 
 
 class _RuntimeCollector(Collector):
-    """Gauges read from the runtime when scraped: resources by phase, queue depths, API requests."""
+    """Gauges read from the scheduler when scraped: resources by phase, queue depths, API requests."""
 
-    runtime: Runtime | None = None
+    scheduler: Scheduler | None = None
 
     def collect(self) -> Iterator[Any]:
-        runtime = self.runtime
+        scheduler = self.scheduler
         jobs = GaugeMetricFamily("kubedistill_distillation_jobs", "DistillationJobs by phase.", labels=["phase"])
         models = GaugeMetricFamily("kubedistill_distilled_models", "DistilledModels by phase.", labels=["phase"])
         queue = GaugeMetricFamily("kubedistill_reconcile_queue_depth", "Waiting reconciles.", labels=["queue"])
         requests = CounterMetricFamily("kubedistill_api_requests", "Requests sent to the API server.")
-        job_counts = _by_phase(runtime.job_phases if runtime else None, [p.value for p in JobPhase])
-        model_counts = _by_phase(runtime.model_phases if runtime else None, [p.value for p in ModelPhase])
+        job_counts = _by_phase(scheduler.job_phases if scheduler else None, [p.value for p in JobPhase])
+        model_counts = _by_phase(scheduler.model_phases if scheduler else None, [p.value for p in ModelPhase])
         for phase, count in job_counts.items():
             jobs.add_metric([phase], count)
         for phase, count in model_counts.items():
             models.add_metric([phase], count)
-        queue.add_metric(["slots"], runtime.queue_depth if runtime else 0)
-        queue.add_metric(["api"], runtime.api_queue_depth if runtime else 0)
-        requests.add_metric([], runtime.cluster.requests if runtime else 0)
+        queue.add_metric(["slots"], scheduler.queue_depth if scheduler else 0)
+        queue.add_metric(["api"], scheduler.api_queue_depth if scheduler else 0)
+        requests.add_metric([], scheduler.cluster.requests if scheduler else 0)
         yield from (jobs, models, queue, requests)
 
 

@@ -1,8 +1,8 @@
 """An in-memory API server behind the reconcile cycle's ``Cluster`` port, for the fast unit tier.
 
 kopf's own advice (examples/09-testing): test the runtime through a fake of the boundary, and
-the boundary itself for real. Here the boundary is ``reconcile.loop.Cluster``: the real
-reconcile functions and the real ``Runtime`` run against this fake, in milliseconds; the real
+the boundary itself for real. Here the boundary is ``reconcile.cycle.Cluster``: the real
+reconcile functions and the real ``Scheduler`` run against this fake, in milliseconds; the real
 API server is the cluster tier's job. The fake keeps the port's contract (``get`` returns None
 for a missing object, ``create`` returns False for an existing one, ``delete`` ignores a
 missing one, status patches are merge patches), paces requests like ``KubeClient`` does

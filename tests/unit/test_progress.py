@@ -20,7 +20,7 @@ from kubedistill.builders.stages import build_stage_children
 from kubedistill.kube.pacing import Priority
 from kubedistill.local.live import LiveProgress
 from kubedistill.reconcile.keys import compute_stage_keys
-from kubedistill.runtime import Runtime
+from kubedistill.scheduler import Scheduler
 from kubedistill.worker.report import ProgressReporter
 from tests.support.djobs import distillation_job, generate_result
 from tests.support.fake_cluster import FakeCluster
@@ -129,8 +129,8 @@ async def test_reports_reach_the_status_of_the_running_stage_only_and_rate_limit
     settings = OperatorSettings.model_validate({"progress": {"statusSeconds": 5}})
     cluster = FakeCluster()
     cluster.put(distillation_job("live"))
-    runtime = Runtime(settings, cluster)  # type: ignore[arg-type]
-    await runtime.reconcile_job("ns", "live")
+    scheduler = Scheduler(settings, cluster)  # type: ignore[arg-type]
+    await scheduler.reconcile_job("ns", "live")
     assert cluster.peek("v1", "ConfigMap", "ns", "live-progress") is not None  # created with the first stage
     jobs = {j["metadata"]["labels"]["kubedistill.io/stage"]: j for j in cluster.of_kind("Job")}
     generate = jobs["generate"]["metadata"]["name"]
@@ -141,46 +141,46 @@ async def test_reports_reach_the_status_of_the_running_stage_only_and_rate_limit
         data["generate"] = json.dumps(report("generate", generate, **fields).to_wire())  # type: ignore[arg-type]
 
     write(done=41, rate=2.0, etaSeconds=29.5)
-    runtime.kick_progress("ns", "live")
-    await asyncio.gather(*list(runtime._tasks))
+    scheduler.kick_progress("ns", "live")
+    await asyncio.gather(*list(scheduler._tasks))
     status = cluster.peek(API_VERSION, "DistillationJob", "ns", "live")["status"]  # type: ignore[index]
     assert status["progress"] == "generate 41%, ETA 30s"
     assert status["stages"]["generate"]["progress"] == 0.41
     assert status["stages"]["generate"]["progressMessage"] == "41/100 answers, 2.0/s, ETA 30s"
 
     # Reports in quick succession: one status write per statusSeconds, then the latest.
-    reconciles = runtime.reconciles
+    reconciles = scheduler.reconciles
     for done in (50, 60, 70):
         write(done=done)
-        runtime.kick_progress("ns", "live")
+        scheduler.kick_progress("ns", "live")
         await asyncio.sleep(0)
-    await asyncio.gather(*list(runtime._tasks))
-    assert runtime.reconciles == reconciles  # held back until the interval passes
-    assert len(runtime._progress_later) == 1
+    await asyncio.gather(*list(scheduler._tasks))
+    assert scheduler.reconciles == reconciles  # held back until the interval passes
+    assert len(scheduler._progress_later) == 1
     assert [c.priority for c in cluster.calls if c.verb == "patch_status"][-1] == Priority.PROGRESS
 
     # A report of another Job (an earlier attempt, a previous run) is stale: ignored.
     data = cluster.peek("v1", "ConfigMap", "ns", "live-progress")["data"]  # type: ignore[index]
     data["generate"] = json.dumps(report("generate", "live-generate-old", 99).to_wire())
-    runtime._progress_due.clear()
-    runtime.kick_progress("ns", "live")
-    await asyncio.gather(*list(runtime._tasks))
+    scheduler._progress_due.clear()
+    scheduler.kick_progress("ns", "live")
+    await asyncio.gather(*list(scheduler._tasks))
     status = cluster.peek(API_VERSION, "DistillationJob", "ns", "live")["status"]  # type: ignore[index]
     assert status["progress"] == "generate running" and "progressMessage" not in status["stages"]["generate"]
-    await runtime.close()
+    await scheduler.close()
 
 
 async def test_a_finished_stage_shows_done_and_the_column_moves_on():
     cluster = FakeCluster()
     cluster.put(distillation_job("moves"))
-    runtime = Runtime(OperatorSettings(), cluster)  # type: ignore[arg-type]
-    await runtime.reconcile_job("ns", "moves")
+    scheduler = Scheduler(OperatorSettings(), cluster)  # type: ignore[arg-type]
+    await scheduler.reconcile_job("ns", "moves")
     generate = next(j for j in cluster.of_kind("Job"))["metadata"]["name"]
     cluster.finish_job("ns", generate, message=generate_result())
-    await runtime.reconcile_job("ns", "moves")
+    await scheduler.reconcile_job("ns", "moves")
     status = cluster.peek(API_VERSION, "DistillationJob", "ns", "moves")["status"]  # type: ignore[index]
     assert status["stages"]["generate"]["progress"] == 1.0 and status["progress"] == "train pending"
-    await runtime.close()
+    await scheduler.close()
 
 
 # --------------------------------------------------------------------------- local mode's live line

@@ -14,7 +14,7 @@ from kubedistill.api.conditions import StagePhase
 from kubedistill.api.settings import OperatorSettings
 from kubedistill.api.worker_config import EvaluateResult, GenerateResult
 from kubedistill.reconcile.distillation import StageFinished
-from kubedistill.runtime import Runtime
+from kubedistill.scheduler import Scheduler
 from kubedistill.telemetry import Health, JsonFormatter, OperatorMetrics, TelemetryServer
 from tests.support.djobs import distillation_job, evaluate_result, generate_result, train_result
 from tests.support.fake_cluster import FakeCluster
@@ -98,18 +98,18 @@ def test_the_teacher_bill_is_counted_as_metered_retries_cached_tokens_and_cost_i
 
 async def test_runs_by_phase_queue_depth_and_requests_come_from_the_runtime():
     cluster = FakeCluster()
-    runtime = Runtime(OperatorSettings(), cluster)  # type: ignore[arg-type]
+    scheduler = Scheduler(OperatorSettings(), cluster)  # type: ignore[arg-type]
     for name in ("a", "b"):
         cluster.put(distillation_job(name))
-        await runtime.reconcile_job("ns", name)
+        await scheduler.reconcile_job("ns", name)
     # kopf's index of DistillationJob phases, as the handlers bind it.
-    runtime.job_phases = {("ns", "a"): ["Generating"], ("ns", "b"): ["Succeeded"], ("ns", "c"): [None]}
-    server = TelemetryServer(runtime.metrics, Health(), "127.0.0.1", 0).start()
+    scheduler.job_phases = {("ns", "a"): ["Generating"], ("ns", "b"): ["Succeeded"], ("ns", "c"): [None]}
+    server = TelemetryServer(scheduler.metrics, Health(), "127.0.0.1", 0).start()
     try:
         samples = await asyncio.to_thread(scrape, server.port)
     finally:
         server.stop()
-        await runtime.close()
+        await scheduler.close()
     assert samples['kubedistill_distillation_jobs{phase="Generating"}'] == 1
     assert samples['kubedistill_distillation_jobs{phase="Succeeded"}'] == 1
     assert samples['kubedistill_distillation_jobs{phase="None"}'] == 1
@@ -122,20 +122,20 @@ async def test_runs_by_phase_queue_depth_and_requests_come_from_the_runtime():
 async def test_a_full_run_through_the_runtime_is_counted():
     cluster = FakeCluster()
     cluster.put(distillation_job("full", serve=False))
-    runtime = Runtime(OperatorSettings(), cluster)  # type: ignore[arg-type]
+    scheduler = Scheduler(OperatorSettings(), cluster)  # type: ignore[arg-type]
     results = {"generate": generate_result(), "train": train_result(), "evaluate": evaluate_result(0.5)}
     for stage in ("generate", "train", "evaluate"):
-        await runtime.reconcile_job("ns", "full")
+        await scheduler.reconcile_job("ns", "full")
         [job] = [j for j in cluster.of_kind("Job") if j["metadata"]["labels"]["kubedistill.io/stage"] == stage]
         cluster.finish_job("ns", job["metadata"]["name"], message=results[stage])
-    await runtime.reconcile_job("ns", "full")
-    await runtime.reconcile_job("ns", "full")  # nothing new finished: nothing counted twice
-    server = TelemetryServer(runtime.metrics, Health(), "127.0.0.1", 0).start()
+    await scheduler.reconcile_job("ns", "full")
+    await scheduler.reconcile_job("ns", "full")  # nothing new finished: nothing counted twice
+    server = TelemetryServer(scheduler.metrics, Health(), "127.0.0.1", 0).start()
     try:
         samples = await asyncio.to_thread(scrape, server.port)
     finally:
         server.stop()
-        await runtime.close()
+        await scheduler.close()
     for stage in ("generate", "train", "evaluate"):
         assert samples[f'kubedistill_stages_finished_total{{result="succeeded",stage="{stage}"}}'] == 1
     assert samples['kubedistill_quality_gate_total{result="failed"}'] == 1
@@ -163,10 +163,10 @@ def test_health_and_readiness_of_leader_and_standby():
 
 def test_json_logs_are_one_object_per_line():
     record = logging.LogRecord(
-        "kubedistill.runtime", logging.WARNING, __file__, 1, "reconcile of %s failed", ("x",), None
+        "kubedistill.scheduler", logging.WARNING, __file__, 1, "reconcile of %s failed", ("x",), None
     )
     doc = json.loads(JsonFormatter().format(record))
-    assert doc["level"] == "WARNING" and doc["logger"] == "kubedistill.runtime"
+    assert doc["level"] == "WARNING" and doc["logger"] == "kubedistill.scheduler"
     assert doc["message"] == "reconcile of x failed" and doc["time"].endswith("Z")
 
 

@@ -1,4 +1,4 @@
-"""Runtime LoRA adapters on vLLM's CPU build, driven by the adapter-sync sidecar, for real.
+"""Scheduler LoRA adapters on vLLM's CPU build, driven by the adapter-sync sidecar, for real.
 
 Two adapters are trained by the train worker (student.export adapter) on the same prompts
 ("answer: a b c") with two different answers: one always says "sun moon star", the other "cat dog

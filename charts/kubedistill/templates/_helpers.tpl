@@ -56,7 +56,7 @@ app.kubernetes.io/part-of: kubedistill
 
 {{/*
 What the operator does in a namespace it watches, and nothing more (see kube/client.py,
-reconcile/loop.py and handlers.py). Server-side apply of an object that does not exist yet is
+reconcile/cycle.py and handlers.py). Server-side apply of an object that does not exist yet is
 a create: every kind the operator applies needs both create and patch.
 */}}
 {{- define "kubedistill.operatorRules" -}}

@@ -1,6 +1,6 @@
 """The only code that talks to the API server: a small async facade over the kubernetes client.
 
-It implements the ``Cluster`` port of reconcile/loop.py with plain dicts in and out:
+It implements the ``Cluster`` port of reconcile/cycle.py with plain dicts in and out:
 create (409 = it exists = success), server-side apply with field manager ``kubedistill``,
 get (404 = None), list by label selector, delete, status merge patches and Events.
 

@@ -2,7 +2,7 @@
 
 ``observe_serving`` completes a model's observations (which integration CRDs exist, which
 optional children exist, a pool's members and pods); ``decide_adapter`` reads what an
-adapter's status depends on. Both only read, through the ``Cluster`` port of loop.py.
+adapter's status depends on. Both only read, through the ``Cluster`` port of cycle.py.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from kubedistill.reconcile.integrations import Ref
 from kubedistill.reconcile.serving import ModelDecision, ModelObservations, PoolMember, compute_adapter_decision
 
 if TYPE_CHECKING:
-    from kubedistill.reconcile.loop import Cluster
+    from kubedistill.reconcile.cycle import Cluster
 
 CUSTOM_METRICS_VERSIONS = ("custom.metrics.k8s.io/v1beta2", "custom.metrics.k8s.io/v1beta1")
 

@@ -1,4 +1,4 @@
-"""Process-wide state of a running operator: settings, the API client, and who reconciles what when.
+"""The scheduler of a running operator: which reconcile runs when, and the process-wide state it needs.
 
 kopf calls the handlers; this decides how reconciles of one resource line up:
 
@@ -30,7 +30,7 @@ from kubedistill.api.settings import OperatorSettings
 from kubedistill.builders import names
 from kubedistill.kube.client import KubeClient
 from kubedistill.kube.pacing import Priority, PrioritySemaphore, reconcile_priority
-from kubedistill.reconcile.loop import (
+from kubedistill.reconcile.cycle import (
     InvalidSpec,
     Outcome,
     ProgressSeen,
@@ -40,12 +40,12 @@ from kubedistill.reconcile.loop import (
 from kubedistill.reconcile.observe import observe_job
 from kubedistill.telemetry import OperatorMetrics
 
-log = logging.getLogger("kubedistill.runtime")
+log = logging.getLogger("kubedistill.scheduler")
 Key = tuple[str, str, str]  # (kind, namespace, name)
 RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
 
-class Runtime:
+class Scheduler:
     """Shared by every handler through kopf's ``memo``."""
 
     def __init__(self, settings: OperatorSettings, cluster: KubeClient, metrics: OperatorMetrics | None = None) -> None:

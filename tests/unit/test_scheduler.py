@@ -1,6 +1,6 @@
-"""The operator's runtime through a fake of the ``Cluster`` port: who reconciles what, when, in what order.
+"""The operator's scheduler through a fake of the ``Cluster`` port: who reconciles what, when, in what order.
 
-The real ``Runtime`` and the real reconcile functions run against tests/support/fake_cluster.py
+The real ``Scheduler`` and the real reconcile functions run against tests/support/fake_cluster.py
 (in memory, paced like the API client): queued kicks merge, the per-resource lock holds,
 failed reconciles back off, and the reaction to a finished stage goes before a backlog of
 first reconciles (the N=1,000 case of bench/operator_scale.py, in miniature).
@@ -13,11 +13,11 @@ import time
 
 import pytest
 
-from kubedistill import runtime as runtime_module
+from kubedistill import scheduler as runtime_module
 from kubedistill.api.settings import OperatorSettings, ReconcileSettings
 from kubedistill.api.v1alpha1 import API_VERSION
 from kubedistill.kube.pacing import Priority, PriorityRateLimiter, PrioritySemaphore
-from kubedistill.runtime import Runtime
+from kubedistill.scheduler import Scheduler
 from tests.support.djobs import distillation_job, generate_result
 from tests.support.fake_cluster import FakeCluster
 
@@ -94,37 +94,37 @@ async def test_rate_limiter_keeps_its_rate_and_serves_urgent_requests_first():
     assert granted[-1][1] >= 0.25
 
 
-# --------------------------------------------------------------------------- the runtime
+# --------------------------------------------------------------------------- the scheduler
 
 
 async def test_kicks_merge_while_one_is_queued():
     cluster = FakeCluster()
     cluster.put(distillation_job("merge"))
-    runtime = Runtime(settings(maxConcurrentReconciles=1), cluster)  # type: ignore[arg-type]
+    scheduler = Scheduler(settings(maxConcurrentReconciles=1), cluster)  # type: ignore[arg-type]
     for _ in range(50):
-        runtime.kick_job("ns", "merge")
-    await asyncio.wait_for(asyncio.gather(*list(runtime._tasks)), 5)
-    assert runtime.reconciles == 1
+        scheduler.kick_job("ns", "merge")
+    await asyncio.wait_for(asyncio.gather(*list(scheduler._tasks)), 5)
+    assert scheduler.reconciles == 1
     assert jobs_of(cluster, "merge").keys() == {"generate"}
-    await runtime.close()
+    await scheduler.close()
 
 
 async def test_an_urgent_kick_does_not_merge_into_a_queued_resync():
     cluster = FakeCluster()
     cluster.put(distillation_job("urgent"))
-    runtime = Runtime(settings(maxConcurrentReconciles=1), cluster)  # type: ignore[arg-type]
-    runtime.kick_job("ns", "urgent", Priority.RESYNC)
-    runtime.kick_job("ns", "urgent", Priority.RESYNC)
-    runtime.kick_job("ns", "urgent", Priority.CHILD_EVENT)
-    await asyncio.wait_for(asyncio.gather(*list(runtime._tasks)), 5)
-    assert runtime.reconciles == 2
-    await runtime.close()
+    scheduler = Scheduler(settings(maxConcurrentReconciles=1), cluster)  # type: ignore[arg-type]
+    scheduler.kick_job("ns", "urgent", Priority.RESYNC)
+    scheduler.kick_job("ns", "urgent", Priority.RESYNC)
+    scheduler.kick_job("ns", "urgent", Priority.CHILD_EVENT)
+    await asyncio.wait_for(asyncio.gather(*list(scheduler._tasks)), 5)
+    assert scheduler.reconciles == 2
+    await scheduler.close()
 
 
 async def test_one_reconcile_at_a_time_per_resource():
     cluster = FakeCluster(latency=0.005)
     cluster.put(distillation_job("locked"))
-    runtime = Runtime(settings(maxConcurrentReconciles=8), cluster)  # type: ignore[arg-type]
+    scheduler = Scheduler(settings(maxConcurrentReconciles=8), cluster)  # type: ignore[arg-type]
     active = peak = 0
     original = runtime_module.reconcile_distillation_job
 
@@ -139,12 +139,12 @@ async def test_one_reconcile_at_a_time_per_resource():
 
     runtime_module.reconcile_distillation_job = counting  # type: ignore[assignment]
     try:
-        await asyncio.gather(*(runtime.reconcile_job("ns", "locked") for _ in range(5)))
+        await asyncio.gather(*(scheduler.reconcile_job("ns", "locked") for _ in range(5)))
     finally:
         runtime_module.reconcile_distillation_job = original
-    assert runtime.reconciles == 5 and peak == 1
+    assert scheduler.reconciles == 5 and peak == 1
     assert len(jobs_of(cluster, "locked")) == 1  # five passes, one Job
-    await runtime.close()
+    await scheduler.close()
 
 
 async def test_a_failed_kicked_reconcile_backs_off_and_retries(monkeypatch):
@@ -160,15 +160,15 @@ async def test_a_failed_kicked_reconcile_backs_off_and_retries(monkeypatch):
         return await original_get(*args)
 
     cluster.get = flaky_get  # type: ignore[method-assign]
-    runtime = Runtime(settings(), cluster)  # type: ignore[arg-type]
+    scheduler = Scheduler(settings(), cluster)  # type: ignore[arg-type]
     started = time.monotonic()
-    runtime.kick_job("ns", "flaky")
+    scheduler.kick_job("ns", "flaky")
     while "generate" not in jobs_of(cluster, "flaky"):
         assert time.monotonic() - started < 5, "never retried"
         await asyncio.sleep(0.01)
     assert time.monotonic() - started >= 0.15  # 0.05 s, then 0.1 s of backoff
-    assert runtime._failures == {}
-    await runtime.close()
+    assert scheduler._failures == {}
+    await scheduler.close()
 
 
 async def test_a_finished_stage_is_acted_on_before_a_backlog_of_first_reconciles():
@@ -179,15 +179,15 @@ async def test_a_finished_stage_is_acted_on_before_a_backlog_of_first_reconciles
     cluster.put(distillation_job("early"))
     for name in names:
         cluster.put(distillation_job(name))
-    runtime = Runtime(settings(maxConcurrentReconciles=8), cluster)  # type: ignore[arg-type]
-    await runtime.reconcile_job("ns", "early")
+    scheduler = Scheduler(settings(maxConcurrentReconciles=8), cluster)  # type: ignore[arg-type]
+    await scheduler.reconcile_job("ns", "early")
     cluster.finish_job("ns", jobs_of(cluster, "early")["generate"], message=generate_result())
 
     before = len(cluster.calls)
-    backlog = [asyncio.create_task(runtime.reconcile_job("ns", name)) for name in names]
+    backlog = [asyncio.create_task(scheduler.reconcile_job("ns", name)) for name in names]
     while len(cluster.calls) < before + 20:  # the backlog holds every slot and queues for tokens
         await asyncio.sleep(0.001)
-    runtime.kick_job("ns", "early")  # the Job event
+    scheduler.kick_job("ns", "early")  # the Job event
     while "train" not in jobs_of(cluster, "early"):
         await asyncio.sleep(0.001)
     done_before = sum(task.done() for task in backlog)
@@ -196,42 +196,42 @@ async def test_a_finished_stage_is_acted_on_before_a_backlog_of_first_reconciles
     urgent = [c for c in cluster.calls if c.priority == Priority.CHILD_EVENT]
     assert {c.verb for c in urgent} >= {"get", "list", "create", "patch_status"}
     assert cluster.peek(API_VERSION, DJ, "ns", "early")["status"]["phase"] == "Training"  # type: ignore[index]
-    await runtime.close()
+    await scheduler.close()
 
 
 @pytest.mark.parametrize("priority", [Priority.FIRST, Priority.RESYNC])
 async def test_every_api_request_of_a_reconcile_carries_its_priority(priority):
     cluster = FakeCluster()
     cluster.put(distillation_job("tagged"))
-    runtime = Runtime(settings(), cluster)  # type: ignore[arg-type]
+    scheduler = Scheduler(settings(), cluster)  # type: ignore[arg-type]
     if priority == Priority.FIRST:
-        await runtime.reconcile_job("ns", "tagged")
+        await scheduler.reconcile_job("ns", "tagged")
     else:
-        runtime.kick_job("ns", "tagged", priority)
-        await asyncio.gather(*list(runtime._tasks))
+        scheduler.kick_job("ns", "tagged", priority)
+        await asyncio.gather(*list(scheduler._tasks))
     assert cluster.calls and {c.priority for c in cluster.calls} == {priority}
-    await runtime.close()
+    await scheduler.close()
 
 
 async def test_stage_job_events_kick_only_when_the_stage_phase_changes():
     cluster = FakeCluster()
-    runtime = Runtime(settings(), cluster)  # type: ignore[arg-type]
+    scheduler = Scheduler(settings(), cluster)  # type: ignore[arg-type]
     kicked: list[str] = []
-    runtime.kick_job = lambda namespace, name, priority=Priority.CHILD_EVENT: kicked.append(name)  # type: ignore[method-assign]
+    scheduler.kick_job = lambda namespace, name, priority=Priority.CHILD_EVENT: kicked.append(name)  # type: ignore[method-assign]
 
     def job(**status: object) -> dict:
         return {"metadata": {"name": "j", "uid": "u1", "labels": {}}, "status": status}
 
-    runtime.on_stage_job_event("ADDED", "ns", "dj", job())  # we created it: no reconcile
-    runtime.on_stage_job_event("MODIFIED", "ns", "dj", job(active=1))  # a pod count: still Pending
+    scheduler.on_stage_job_event("ADDED", "ns", "dj", job())  # we created it: no reconcile
+    scheduler.on_stage_job_event("MODIFIED", "ns", "dj", job(active=1))  # a pod count: still Pending
     assert kicked == []
-    runtime.on_stage_job_event("MODIFIED", "ns", "dj", job(active=1, ready=1))  # Running
-    runtime.on_stage_job_event("MODIFIED", "ns", "dj", job(active=1, ready=1, startTime="t"))  # a detail
+    scheduler.on_stage_job_event("MODIFIED", "ns", "dj", job(active=1, ready=1))  # Running
+    scheduler.on_stage_job_event("MODIFIED", "ns", "dj", job(active=1, ready=1, startTime="t"))  # a detail
     assert kicked == ["dj"]
     done = {"conditions": [{"type": "Complete", "status": "True"}], "succeeded": 1}
-    runtime.on_stage_job_event("MODIFIED", "ns", "dj", job(**done))
-    runtime.on_stage_job_event(None, "ns", "dj", job(**done))  # the same, listed again at a restart
-    runtime.on_stage_job_event("DELETED", "ns", "dj", job(**done))
+    scheduler.on_stage_job_event("MODIFIED", "ns", "dj", job(**done))
+    scheduler.on_stage_job_event(None, "ns", "dj", job(**done))  # the same, listed again at a restart
+    scheduler.on_stage_job_event("DELETED", "ns", "dj", job(**done))
     assert kicked == ["dj", "dj", "dj"]
-    assert runtime.job_phase_seen == {}
-    await runtime.close()
+    assert scheduler.job_phase_seen == {}
+    await scheduler.close()
