@@ -18,6 +18,7 @@ from kubedistill.builders.stages import (
     build_stage_children,
     build_stage_config_map,
     build_stage_job,
+    plan_stage,
     stage_placement,
 )
 from kubedistill.reconcile.keys import compute_stage_keys
@@ -167,7 +168,7 @@ def test_single_gpu_training_runs_the_worker_directly() -> None:
 
 def test_multi_node_training_is_an_indexed_job_with_a_headless_service() -> None:
     plan = plan_of(distillation_job("demo", nodes=4))
-    children = build_stage_children(plan, "train", SETTINGS)
+    children = build_stage_children(plan_stage(plan, "train", SETTINGS), SETTINGS)
     kinds = [c["kind"] for c in children]
     assert kinds == ["ConfigMap", "Service", "Job"]
     _config_map, service, job = children
@@ -325,7 +326,7 @@ def test_an_fsdp_run_on_two_nodes_gets_its_rendezvous_and_its_strategy() -> None
     manifest["spec"]["student"]["method"] = "full"
     manifest["spec"]["student"]["training"] = {"strategy": "fsdp"}
     plan = plan_of(manifest)
-    children = {c["kind"]: c for c in build_stage_children(plan, "train", SETTINGS)}
+    children = {c["kind"]: c for c in build_stage_children(plan_stage(plan, "train", SETTINGS), SETTINGS)}
     assert set(children) == {"ConfigMap", "Service", "Job"}
     job = children["Job"]
     assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 2

@@ -16,7 +16,7 @@ from kubedistill.api.v1alpha1 import API_VERSION
 from kubedistill.api.worker_config import ProgressTarget, StageProgress, format_duration
 from kubedistill.builders.plan import RunPlan
 from kubedistill.builders.progress import build_progress_children
-from kubedistill.builders.stages import build_stage_children
+from kubedistill.builders.stages import build_stage_children, plan_stage
 from kubedistill.kube.pacing import Priority
 from kubedistill.local.live import LiveProgress
 from kubedistill.reconcile.keys import compute_stage_keys
@@ -103,7 +103,8 @@ def test_the_progress_configmap_is_writable_by_the_stage_pods_and_nothing_else()
     assert children[("ServiceAccount", "live-worker")]["automountServiceAccountToken"] is False
 
     # The stage pod runs as that ServiceAccount; only the worker container sees its token.
-    job = next(c for c in build_stage_children(plan, "generate", SETTINGS) if c["kind"] == "Job")
+    children = build_stage_children(plan_stage(plan, "generate", SETTINGS), SETTINGS)
+    job = next(c for c in children if c["kind"] == "Job")
     pod = job["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "live-worker" and pod["automountServiceAccountToken"] is False
     [container] = pod["containers"]
@@ -111,7 +112,9 @@ def test_the_progress_configmap_is_writable_by_the_stage_pods_and_nothing_else()
     token = mounts["/var/run/secrets/kubernetes.io/serviceaccount"]
     volume = next(v for v in pod["volumes"] if v["name"] == token)
     assert {"serviceAccountToken"} <= {k for source in volume["projected"]["sources"] for k in source}
-    config = next(c for c in build_stage_children(plan, "generate", SETTINGS) if c["kind"] == "ConfigMap")
+    config = next(
+        c for c in build_stage_children(plan_stage(plan, "generate", SETTINGS), SETTINGS) if c["kind"] == "ConfigMap"
+    )
     assert "progress:" in config["data"]["generate.yaml"] and job["metadata"]["name"] in config["data"]["generate.yaml"]
 
 

@@ -758,3 +758,25 @@ def test_the_evaluation_says_what_the_student_keeps_and_saves() -> None:
     assert (evaluation["speed"]["speedup"], evaluation["speed"]["costRatio"]) == (11.2, 14.3)
     assert world.condition("Evaluated")["message"] == line
     assert any(e.reason == Reason.STAGE_SUCCEEDED and line in e.message for e in decision.events)
+
+
+def test_a_started_stage_is_planned_once_and_built_from_that_plan(monkeypatch) -> None:
+    """Decide first, build once: the walk decides which stages start; each one's placement is
+    computed once, and its ConfigMap, rendezvous Service and Job are all built from it."""
+    from kubedistill.builders import stages
+
+    planned: list[str] = []
+    real = stages.stage_placement
+
+    def counting(plan: RunPlan, stage: str, settings: OperatorSettings) -> stages.Placement:
+        planned.append(stage)
+        return real(plan, stage, settings)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(stages, "stage_placement", counting)
+    world = World(distillation_job("group", nodes=2))
+    world.step()
+    world.finish("generate", generate_result())
+    planned.clear()
+    decision = world.step()
+    assert planned == ["train"]
+    assert [c["kind"] for c in decision.create] == ["ConfigMap", "Service", "Job"]

@@ -1,6 +1,8 @@
 """DistillationJob stage children: worker config, its ConfigMap, the Job, the rendezvous Service.
 
-Pure: a RunPlan and the operator settings in, manifests (plain dicts) out.
+Pure: a RunPlan and the operator settings in, manifests (plain dicts) out. Decide first, then
+build once: ``plan_stage`` computes what a stage's Job needs (its placement, its name, its pod
+count) once, and every object of the stage is built from that ``StagePlan``.
 
 Every stage pod runs ``kubedistill-worker <stage> --config /etc/kubedistill/<stage>.yaml``
 (through ``torchrun`` when training spans several GPUs or nodes). The generate pod first runs
@@ -73,6 +75,28 @@ class Placement:
     extra_limits: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class StagePlan:
+    """What one stage's Job needs, computed once; its ConfigMap, Service and Job are built from it."""
+
+    run: RunPlan
+    stage: Stage
+    placement: Placement
+    job_name: str
+    shards: int = 1  # pods of a sharded generate stage (teacher.shards), each answering its part
+
+
+def plan_stage(plan: RunPlan, stage: Stage, settings: OperatorSettings) -> StagePlan:
+    """Decide once where and how the stage runs (the attempt of a restarted group is in ``plan``)."""
+    return StagePlan(
+        run=plan,
+        stage=stage,
+        placement=stage_placement(plan, stage, settings),
+        job_name=plan.job_name(stage),
+        shards=generate_shards(plan, stage),
+    )
+
+
 def config_path(stage: Stage) -> str:
     return f"{CONFIG_DIR}/{stage}.yaml"
 
@@ -127,10 +151,10 @@ def build_train_config(plan: RunPlan) -> TrainConfig:
     )
 
 
-def build_evaluate_config(plan: RunPlan, settings: OperatorSettings) -> EvaluateConfig:
+def build_evaluate_config(plan: RunPlan, placement: Placement) -> EvaluateConfig:
     spec = plan.job.spec
     adapter = spec.student.exports_adapter
-    gpus = stage_placement(plan, "evaluate", settings).gpus
+    gpus = placement.gpus
     return EvaluateConfig(
         model_uri=plan.model_uri,
         base_model=spec.student.model if adapter else None,
@@ -158,21 +182,30 @@ def build_progress_target(plan: RunPlan, stage: Stage, settings: OperatorSetting
 
 def build_stage_config(plan: RunPlan, stage: Stage, settings: OperatorSettings) -> dict[str, Any]:
     """The worker config of one stage, as the YAML file holds it (camelCase)."""
+    return _stage_config(plan_stage(plan, stage, settings), settings)
+
+
+def _stage_config(sp: StagePlan, settings: OperatorSettings) -> dict[str, Any]:
+    plan, stage = sp.run, sp.stage
     config: GenerateConfig | TrainConfig | EvaluateConfig
     if stage == "generate":
         config = build_generate_config(plan)
     elif stage == "train":
         config = build_train_config(plan)
     else:
-        config = build_evaluate_config(plan, settings)
+        config = build_evaluate_config(plan, sp.placement)
     config.progress = build_progress_target(plan, stage, settings)
     return config.to_wire()
 
 
 def build_stage_config_map(plan: RunPlan, stage: Stage, settings: OperatorSettings) -> dict[str, Any]:
     """The ConfigMap of one stage Job. Immutable: its name changes whenever its content may."""
-    job_name = plan.job_name(stage)
-    text = yaml.safe_dump(build_stage_config(plan, stage, settings), sort_keys=True)
+    return _config_map(plan_stage(plan, stage, settings), settings)
+
+
+def _config_map(sp: StagePlan, settings: OperatorSettings) -> dict[str, Any]:
+    plan, stage, job_name = sp.run, sp.stage, sp.job_name
+    text = yaml.safe_dump(_stage_config(sp, settings), sort_keys=True)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -416,10 +449,13 @@ def _pod_failure_policy(stage: Stage, nodes: int) -> dict[str, Any]:
 
 
 def build_stage_job(plan: RunPlan, stage: Stage, settings: OperatorSettings) -> dict[str, Any]:
-    """The batch/v1 Job of one stage (Indexed, one pod per node, for multi-node training)."""
+    """The batch/v1 Job of one stage (Indexed: one pod per node of multi-node training, or per shard)."""
+    return _job(plan_stage(plan, stage, settings), settings)
+
+
+def _job(sp: StagePlan, settings: OperatorSettings) -> dict[str, Any]:
+    plan, stage, placement, job_name = sp.run, sp.stage, sp.placement, sp.job_name
     spec = plan.job.spec
-    placement = stage_placement(plan, stage, settings)
-    job_name = plan.job_name(stage)
     labels = plan.labels(stage)
     volumes, mounts = _volumes(plan, stage, placement)
     container: dict[str, Any] = {
@@ -476,10 +512,10 @@ def build_stage_job(plan: RunPlan, stage: Stage, settings: OperatorSettings) -> 
     }
     if placement.nodes > 1:
         job_spec |= {"completionMode": "Indexed", "completions": placement.nodes, "parallelism": placement.nodes}
-    elif (shards := generate_shards(plan, stage)) > 1:
+    elif sp.shards > 1:
         # Shards are independent: a lost pod is replaced and resumes its shard alone (the failure
         # policy of a single pod applies to each), and shard 0 reports for the Job.
-        job_spec |= {"completionMode": "Indexed", "completions": shards, "parallelism": shards}
+        job_spec |= {"completionMode": "Indexed", "completions": sp.shards, "parallelism": sp.shards}
     if settings.jobs.active_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = settings.jobs.active_deadline_seconds
     return {
@@ -516,7 +552,11 @@ def build_estimate_container(worker: dict[str, Any]) -> dict[str, Any]:
 
 def build_rendezvous_service(plan: RunPlan, stage: Stage, settings: OperatorSettings) -> dict[str, Any]:
     """Headless Service giving pod <job>-<i> the DNS name <job>-<i>.<job> (torchrun's master address)."""
-    job_name = plan.job_name(stage)
+    return _rendezvous_service(plan_stage(plan, stage, settings), settings)
+
+
+def _rendezvous_service(sp: StagePlan, settings: OperatorSettings) -> dict[str, Any]:
+    plan, stage, job_name = sp.run, sp.stage, sp.job_name
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -536,10 +576,10 @@ def build_rendezvous_service(plan: RunPlan, stage: Stage, settings: OperatorSett
     }
 
 
-def build_stage_children(plan: RunPlan, stage: Stage, settings: OperatorSettings) -> list[dict[str, Any]]:
-    """Everything one stage needs, in creation order: config first, the Job last."""
-    children = [build_stage_config_map(plan, stage, settings)]
-    if stage_placement(plan, stage, settings).nodes > 1:
-        children.append(build_rendezvous_service(plan, stage, settings))
-    children.append(build_stage_job(plan, stage, settings))
+def build_stage_children(sp: StagePlan, settings: OperatorSettings) -> list[dict[str, Any]]:
+    """Everything one stage needs, built from its one plan, in creation order: config first, the Job last."""
+    children = [_config_map(sp, settings)]
+    if sp.placement.nodes > 1:
+        children.append(_rendezvous_service(sp, settings))
+    children.append(_job(sp, settings))
     return children

@@ -52,7 +52,7 @@ from kubedistill.api.worker_config import (
 from kubedistill.builders.plan import STAGES, RunPlan, Stage
 from kubedistill.builders.progress import build_progress_children
 from kubedistill.builders.publish import build_distilled_model
-from kubedistill.builders.stages import build_stage_children
+from kubedistill.builders.stages import StagePlan, build_stage_children, plan_stage
 from kubedistill.reconcile.observe import RESULT_MODELS, ObservedJob, Termination, parse_failure, parse_result
 from kubedistill.reconcile.status import (
     NORMAL,
@@ -138,6 +138,7 @@ class _Walk:
     blocked_at: Stage | None = None  # the first stage that is not done
     failure: tuple[str, str] | None = None  # (reason, message) of a run that stopped
     notes: list[tuple[Stage, EventSpec]] = field(default_factory=list)  # Events of a stage's new Job
+    to_start: list[StagePlan] = field(default_factory=list)  # stages whose Job the walk decided to create
     teacher_spend: TeacherSpend | None = None
 
 
@@ -283,7 +284,7 @@ def _walk_stages(
         if job is None or job.deleting:
             if job is None:
                 # Not there: start it (again, when someone deleted a failed Job to retry it).
-                decision.create.extend(build_stage_children(plan, stage, settings))
+                walk.to_start.append(plan_stage(plan, stage, settings))
                 message = f"Job {name} is waiting for its pods"
             else:
                 message = f"waiting for the old Job {name} to be deleted"
@@ -322,7 +323,7 @@ def _walk_stages(
                 attempt, limit = plan.attempts.get(stage, 0), plan.job.spec.resources.max_restarts
                 if attempt < limit:
                     again = plan.with_attempt(stage, attempt + 1)
-                    decision.create.extend(build_stage_children(again, stage, settings))
+                    walk.to_start.append(plan_stage(again, stage, settings))
                     message = clip(
                         f"restarting the whole group from the last checkpoint (restart {attempt + 1} of {limit}): "
                         f"Job {name} failed: {reason}"
@@ -463,6 +464,8 @@ def compute_job_decision(
     plan = _current_attempts(plan, obs)
     walk = _walk_stages(dj, plan, settings, obs, now, decision)
     _count_restarts(plan, walk)
+    for stage_plan in walk.to_start:  # decided first; each stage's children built once, from its plan
+        decision.create.extend(build_stage_children(stage_plan, settings))
 
     # Jobs of an older run that are still running are wasting GPUs: stop them.
     current = {plan.job_name(stage) for stage in STAGES}
