@@ -224,131 +224,155 @@ def _carry_summaries(old: DistillationJobStatus, stage: Stage, walk: _Walk, plan
 def _walk_stages(
     dj: DistillationJob, plan: RunPlan, settings: OperatorSettings, obs: JobObservation, now: str, decision: JobDecision
 ) -> _Walk:
-    old = dj.status or DistillationJobStatus()
-    old_stages = old.stages or StagesStatus()
-    new_run = old.run_id != plan.run_id
-    generation = dj.metadata.generation
-    walk = _Walk()
-    # The spend recorded for this generate Job (projected, spent, stopped at the budget) stays until replaced.
-    if old_stages.generate is not None and old_stages.generate.job == plan.job_name("generate"):
-        walk.teacher_spend = old.teacher_spend
-
-    def cond(stage: Stage, ok: bool, reason: str, message: str) -> None:
-        walk.conditions.append(condition(c.STAGE_CONDITIONS[stage], ok, reason, message, now, generation))
-
+    """Each stage in order: where it stands, what it needs (a new Job, its pods' messages), its condition."""
+    walker = _Walker(dj, plan, settings, obs, now, decision)
     for stage in STAGES:
-        name = plan.job_name(stage)
-        old_stage: StageStatus | None = getattr(old_stages, stage)
-        prev = old_stage if old_stage is not None and old_stage.job == name else None
-        job = obs.jobs.get(name)
-        reset_reason = Reason.SPEC_CHANGED if new_run and old_stage is not None and prev is None else None
+        walker.step(stage)
+    return walker.walk
 
+
+class _Walker:
+    """One walk over the stages of ``plan``: each stage is in exactly one of the states the methods name."""
+
+    def __init__(
+        self, dj: DistillationJob, plan: RunPlan, settings: OperatorSettings, obs: JobObservation, now: str,
+        decision: JobDecision,
+    ) -> None:  # fmt: skip
+        self.old = dj.status or DistillationJobStatus()
+        self.old_stages = self.old.stages or StagesStatus()
+        self.plan, self.settings, self.obs, self.now, self.decision = plan, settings, obs, now, decision
+        self.new_run = self.old.run_id != plan.run_id
+        self.generation = dj.metadata.generation
+        self.walk = _Walk()
+        # The spend recorded for this generate Job (projected, spent, stopped at the budget) stays until replaced.
+        if self.old_stages.generate is not None and self.old_stages.generate.job == plan.job_name("generate"):
+            self.walk.teacher_spend = self.old.teacher_spend
+
+    def cond(self, stage: Stage, ok: bool, reason: str, message: str) -> None:
+        self.walk.conditions.append(
+            condition(c.STAGE_CONDITIONS[stage], ok, reason, message, self.now, self.generation)
+        )
+
+    def step(self, stage: Stage) -> None:
+        walk, name = self.walk, self.plan.job_name(stage)
+        old_stage: StageStatus | None = getattr(self.old_stages, stage)
+        prev = old_stage if old_stage is not None and old_stage.job == name else None
+        job = self.obs.jobs.get(name)
+        reset = Reason.SPEC_CHANGED if self.new_run and old_stage is not None and prev is None else None
         if walk.blocked_at is not None:
             walk.stages[stage] = None
-            upstream = walk.blocked_at
-            cond(stage, False, reset_reason or Reason.STAGE_PENDING, f"waiting for the {upstream} stage")
-            continue
-
-        if prev is not None and prev.phase == StagePhase.SUCCEEDED:
-            walk.stages[stage] = prev
-            _carry_summaries(old, stage, walk, plan)
-            if stage == "evaluate" and walk.evaluation is not None and walk.evaluation.passed is False:
-                walk.failure = (Reason.QUALITY_GATE_FAILED, _gate_message(plan, walk.evaluation))
-                walk.blocked_at = stage
-                cond(stage, False, Reason.QUALITY_GATE_FAILED, walk.failure[1])
-                continue
-            existing = get_condition(old.conditions, c.STAGE_CONDITIONS[stage])
-            if new_run and old.run_id is not None:
-                cond(
-                    stage,
-                    True,
-                    Reason.ARTIFACT_REUSED,
-                    f"reused from an earlier run: {_stage_summary(stage, prev, walk)}",
-                )
-            elif existing is not None and existing.status == c.ConditionStatus.TRUE:
-                cond(stage, True, existing.reason, existing.message)
+            self.cond(stage, False, reset or Reason.STAGE_PENDING, f"waiting for the {walk.blocked_at} stage")
+        elif prev is not None and prev.phase == StagePhase.SUCCEEDED:
+            self.succeeded_before(stage, prev)
+        else:
+            walk.blocked_at = stage
+            if prev is not None and prev.phase == StagePhase.FAILED and job is not None and job.finished:
+                self.failed_before(stage, prev, name)
+            elif job is None or job.deleting:
+                self.start(stage, name, job, reset)
+            elif job.phase in (StagePhase.PENDING, StagePhase.RUNNING):
+                self.in_flight(stage, name, job, reset)
+            elif name not in self.obs.terminations:
+                self.decision.need_terminations.append(name)  # its pods' messages first
+                walk.stages[stage] = prev or StageStatus(job=name, phase=StagePhase.RUNNING, start_time=job.start_time)
+            elif job.phase == StagePhase.FAILED:
+                self.failed(stage, name, job, self.obs.terminations[name])
             else:
-                cond(stage, True, Reason.STAGE_SUCCEEDED, _stage_summary(stage, prev, walk))
-            continue
+                termination = self.obs.terminations[name]
+                self.finished(stage, name, job, termination.message if termination else None)
 
-        walk.blocked_at = stage
-        if prev is not None and prev.phase == StagePhase.FAILED and job is not None and job.finished:
-            # Recorded already: no need to read the pods again.
-            walk.stages[stage] = prev
-            message = prev.message or f"Job {name} failed"
-            reason = prev.reason or Reason.STAGE_FAILED
-            walk.failure = (reason, f"{stage} failed: {message}")
-            cond(stage, False, reason, message)
-            continue
+    def succeeded_before(self, stage: Stage, prev: StageStatus) -> None:
+        """Succeeded in an earlier reconcile (or run): its summaries carry over."""
+        walk, old = self.walk, self.old
+        walk.stages[stage] = prev
+        _carry_summaries(old, stage, walk, self.plan)
+        if stage == "evaluate" and walk.evaluation is not None and walk.evaluation.passed is False:
+            walk.failure = (Reason.QUALITY_GATE_FAILED, _gate_message(self.plan, walk.evaluation))
+            walk.blocked_at = stage
+            self.cond(stage, False, Reason.QUALITY_GATE_FAILED, walk.failure[1])
+            return
+        existing = get_condition(old.conditions, c.STAGE_CONDITIONS[stage])
+        if self.new_run and old.run_id is not None:
+            summary = _stage_summary(stage, prev, walk)
+            self.cond(stage, True, Reason.ARTIFACT_REUSED, f"reused from an earlier run: {summary}")
+        elif existing is not None and existing.status == c.ConditionStatus.TRUE:
+            self.cond(stage, True, existing.reason, existing.message)
+        else:
+            self.cond(stage, True, Reason.STAGE_SUCCEEDED, _stage_summary(stage, prev, self.walk))
 
-        if job is None or job.deleting:
-            if job is None:
-                # Not there: start it (again, when someone deleted a failed Job to retry it).
-                walk.to_start.append(plan_stage(plan, stage, settings))
-                message = f"Job {name} is waiting for its pods"
-            else:
-                message = f"waiting for the old Job {name} to be deleted"
-            walk.stages[stage] = StageStatus(job=name, phase=StagePhase.PENDING)
-            cond(stage, False, reset_reason or Reason.STAGE_PENDING, message)
-            continue
+    def failed_before(self, stage: Stage, prev: StageStatus, name: str) -> None:
+        """Failed, and recorded already: no need to read the pods again."""
+        self.walk.stages[stage] = prev
+        message = prev.message or f"Job {name} failed"
+        reason = prev.reason or Reason.STAGE_FAILED
+        self.walk.failure = (reason, f"{stage} failed: {message}")
+        self.cond(stage, False, reason, message)
 
-        if job.phase in (StagePhase.PENDING, StagePhase.RUNNING):
-            walk.stages[stage] = _with_progress(
-                StageStatus(job=name, phase=job.phase, start_time=job.start_time), obs.progress.get(stage)
-            )
-            if stage == "generate":
-                _watch_spend(plan, name, job, obs, decision, walk)
-            if job.phase == StagePhase.RUNNING:
-                cond(stage, False, Reason.STAGE_RUNNING, f"Job {name} is running")
-            else:
-                cond(stage, False, reset_reason or Reason.STAGE_PENDING, f"Job {name} is waiting for its pods")
-            continue
+    def start(self, stage: Stage, name: str, job: ObservedJob | None, reset: str | None) -> None:
+        """No Job (never started, or someone deleted a failed one to retry): start it; or wait for a deletion."""
+        if job is None:
+            self.walk.to_start.append(plan_stage(self.plan, stage, self.settings))
+            message = f"Job {name} is waiting for its pods"
+        else:
+            message = f"waiting for the old Job {name} to be deleted"
+        self.walk.stages[stage] = StageStatus(job=name, phase=StagePhase.PENDING)
+        self.cond(stage, False, reset or Reason.STAGE_PENDING, message)
 
-        if name not in obs.terminations:
-            decision.need_terminations.append(name)
-            walk.stages[stage] = prev or StageStatus(job=name, phase=StagePhase.RUNNING, start_time=job.start_time)
-            continue
-        termination = obs.terminations[name]
+    def in_flight(self, stage: Stage, name: str, job: ObservedJob, reset: str | None) -> None:
+        status = StageStatus(job=name, phase=job.phase, start_time=job.start_time)
+        self.walk.stages[stage] = _with_progress(status, self.obs.progress.get(stage))
+        if stage == "generate":
+            _watch_spend(self.plan, name, job, self.obs, self.decision, self.walk)
+        if job.phase == StagePhase.RUNNING:
+            self.cond(stage, False, Reason.STAGE_RUNNING, f"Job {name} is running")
+        else:
+            self.cond(stage, False, reset or Reason.STAGE_PENDING, f"Job {name} is waiting for its pods")
+
+    def failed(self, stage: Stage, name: str, job: ObservedJob, termination: Termination | None) -> None:
+        """Failed now: a group restarts from its checkpoint while restarts are left; otherwise the run fails."""
+        walk, plan = self.walk, self.plan
         reported = termination.message if termination else None
+        # A structured failure (BudgetExceeded) has its own reason and carries what was spent.
+        stopped = parse_failure(reported)
+        code = stopped.reason if stopped is not None else Reason.STAGE_FAILED
+        if stopped is not None:
+            reported = stopped.message
+            walk.teacher_spend = _with_summary(stopped.spend) or walk.teacher_spend
+        reason = clip(reported or job.message or f"Job {name} failed ({job.reason or 'unknown reason'})")
+        if job.group and _restartable(termination):
+            attempt, limit = plan.attempts.get(stage, 0), plan.job.spec.resources.max_restarts
+            if attempt < limit:
+                self.restart_group(stage, name, attempt, limit, reason)
+                return
+            reason = clip(f"{reason} (after {attempt} whole-group restarts: spec.resources.maxRestarts is {limit})")
+        walk.stages[stage] = StageStatus(
+            job=name, phase=StagePhase.FAILED, start_time=job.start_time,
+            completion_time=job.completion_time, reason=code, message=reason,
+        )  # fmt: skip
+        walk.failure = (code, f"{stage} failed: {reason}")
+        self.cond(stage, False, code, reason)
+        self.decision.finished.append(_finished(stage, walk.stages[stage], None))
 
-        if job.phase == StagePhase.FAILED:
-            # A structured failure (BudgetExceeded) has its own reason and carries what was spent.
-            stopped = parse_failure(reported)
-            code = stopped.reason if stopped is not None else Reason.STAGE_FAILED
-            if stopped is not None:
-                reported = stopped.message
-                walk.teacher_spend = _with_summary(stopped.spend) or walk.teacher_spend
-            reason = clip(reported or job.message or f"Job {name} failed ({job.reason or 'unknown reason'})")
-            if job.group and _restartable(termination):
-                attempt, limit = plan.attempts.get(stage, 0), plan.job.spec.resources.max_restarts
-                if attempt < limit:
-                    again = plan.with_attempt(stage, attempt + 1)
-                    walk.to_start.append(plan_stage(again, stage, settings))
-                    message = clip(
-                        f"restarting the whole group from the last checkpoint (restart {attempt + 1} of {limit}): "
-                        f"Job {name} failed: {reason}"
-                    )
-                    walk.stages[stage] = StageStatus(
-                        job=again.job_name(stage), phase=StagePhase.PENDING, restarts=attempt + 1, message=message
-                    )
-                    cond(stage, False, Reason.GROUP_RESTARTED, message)
-                    walk.notes.append((stage, EventSpec(WARNING, Reason.GROUP_RESTARTED, f"{stage}: {message}")))
-                    continue
-                reason = clip(f"{reason} (after {attempt} whole-group restarts: spec.resources.maxRestarts is {limit})")
-            walk.stages[stage] = StageStatus(
-                job=name, phase=StagePhase.FAILED, start_time=job.start_time,
-                completion_time=job.completion_time, reason=code, message=reason,
-            )  # fmt: skip
-            walk.failure = (code, f"{stage} failed: {reason}")
-            cond(stage, False, code, reason)
-            decision.finished.append(_finished(stage, walk.stages[stage], None))
-            continue
+    def restart_group(self, stage: Stage, name: str, attempt: int, limit: int, reason: str) -> None:
+        again = self.plan.with_attempt(stage, attempt + 1)
+        self.walk.to_start.append(plan_stage(again, stage, self.settings))
+        message = clip(
+            f"restarting the whole group from the last checkpoint (restart {attempt + 1} of {limit}): "
+            f"Job {name} failed: {reason}"
+        )
+        self.walk.stages[stage] = StageStatus(
+            job=again.job_name(stage), phase=StagePhase.PENDING, restarts=attempt + 1, message=message
+        )
+        self.cond(stage, False, Reason.GROUP_RESTARTED, message)
+        self.walk.notes.append((stage, EventSpec(WARNING, Reason.GROUP_RESTARTED, f"{stage}: {message}")))
 
-        # Succeeded: a stage proves it with its result, or the run fails.
+    def finished(self, stage: Stage, name: str, job: ObservedJob, reported: str | None) -> None:
+        """Succeeded: a stage proves it with its result, or the run fails."""
+        walk, plan = self.walk, self.plan
         result = parse_result(stage, reported)
         done = StageStatus(
             job=name, phase=StagePhase.SUCCEEDED, start_time=job.start_time,
-            completion_time=job.completion_time or now, progress=1.0,
+            completion_time=job.completion_time or self.now, progress=1.0,
         )  # fmt: skip
         if result is None:
             problem = clip(_missing_result_message(stage, name, reported))
@@ -356,20 +380,19 @@ def _walk_stages(
                 update={"phase": StagePhase.FAILED, "reason": Reason.STAGE_RESULT_MISSING, "message": problem}
             )
             walk.failure = (Reason.STAGE_RESULT_MISSING, f"{stage} failed: {problem}")
-            cond(stage, False, Reason.STAGE_RESULT_MISSING, problem)
-            decision.finished.append(_finished(stage, walk.stages[stage], None))
-            continue
+            self.cond(stage, False, Reason.STAGE_RESULT_MISSING, problem)
+            self.decision.finished.append(_finished(stage, walk.stages[stage], None))
+            return
         walk.stages[stage] = done
         _record_result(plan, result, walk)
         passed = walk.evaluation.passed if stage == "evaluate" and walk.evaluation is not None else None
-        decision.finished.append(_finished(stage, done, result, passed))
+        self.decision.finished.append(_finished(stage, done, result, passed))
         if stage == "evaluate" and walk.evaluation is not None and walk.evaluation.passed is False:
             walk.failure = (Reason.QUALITY_GATE_FAILED, _gate_message(plan, walk.evaluation))
-            cond(stage, False, Reason.QUALITY_GATE_FAILED, walk.failure[1])
-            continue
+            self.cond(stage, False, Reason.QUALITY_GATE_FAILED, walk.failure[1])
+            return
         walk.blocked_at = None
-        cond(stage, True, Reason.STAGE_SUCCEEDED, _stage_summary(stage, done, walk))
-    return walk
+        self.cond(stage, True, Reason.STAGE_SUCCEEDED, _stage_summary(stage, done, walk))
 
 
 def _with_progress(status: StageStatus, report: StageProgress | None) -> StageStatus:
