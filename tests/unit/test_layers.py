@@ -1,4 +1,4 @@
-"""Layers point one way (DESIGN.md): api/, builders/ and reconcile/ are pure and import neither
+"""Layers point one way (docs/DESIGN.md): api/, builders/ and reconcile/ are pure and import neither
 kopf, kubernetes, boto3 nor the ML stack, so they are tested as plain functions and the operator
 image stays free of torch.
 
