@@ -6,8 +6,8 @@
 ``hack/gen-crds`` runs it from the repository root. Only ``properties.settings`` of
 charts/kubedistill/values.schema.json is generated; the rest of the schema (image, rbac,
 operator, metrics, ...) is hand-written and kept as it is. The model is named on the command
-line (``--model``), not imported here: ``api`` is the lowest layer and imports nothing above it,
-and OperatorSettings lives in ``builders``.
+line (``--model``, ``kubedistill.api.settings:OperatorSettings``), so the generator serves any
+pydantic model of the chart's values.
 
 The chart's schema is JSON Schema draft-07, checked by Helm, so unlike the CRDs (see
 ``crdgen``) it keeps what JSON Schema can say:

@@ -36,7 +36,7 @@ What happens, in order:
    ``checkpointUri`` when there is one. Objective kd: the same trainer with the
    top-k + tail KL on the teacher's stored distributions (kd.py);
    onPolicy: trl's ServerDistillationTrainer, the student sampling and a vLLM
-   teacher scoring (train_onpolicy.py).
+   teacher scoring (onpolicy.py).
 5. Checkpoints go to ``checkpointUri`` every ``checkpointEverySteps`` steps and
    on SIGTERM, after which the worker exits 143 ("Preempted: ...").
 6. Export (rank 0): merged safetensors (or the adapter) + tokenizer + chat
