@@ -9,7 +9,8 @@ kopf calls the handlers; this decides how reconciles of one resource line up:
   thousand reconciles), unless the new kick has a higher priority;
 * at most ``reconcile.maxConcurrentReconciles`` in flight across all resources, and the
   API client's token bucket, both served by priority (kube/pacing.py): child events
-  first, then kopf's create/update/resume, then resyncs;
+  first, then kopf's create/update/resume, then resyncs; 1 slot in 8 is kept for child
+  events, so a reaction never waits for a slot behind a backlog of first reconciles;
 * a kicked reconcile that fails is retried with backoff (a handler-driven one is retried
   by kopf).
 
@@ -45,6 +46,11 @@ Key = tuple[str, str, str]  # (kind, namespace, name)
 RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
 
+def reserved_for_reactions(slots: int) -> int:
+    """Slots only child events (a stage finished, a Deployment changed) may take: 1 in 8, at least 1."""
+    return max(1, slots // 8) if slots > 1 else 0
+
+
 class Scheduler:
     """Shared by every handler through kopf's ``memo``."""
 
@@ -67,7 +73,12 @@ class Scheduler:
         self._queued: dict[Key, set[Priority]] = {}
         self._failures: dict[Key, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._slots = PrioritySemaphore(settings.reconcile.max_concurrent_reconciles)
+        slots = settings.reconcile.max_concurrent_reconciles
+        self._slots = PrioritySemaphore(slots)
+        # Headroom for reactions: the other reconciles (first, progress, resync) may hold all but
+        # these slots, so a finished stage never waits for a slot behind a backlog of them.
+        self.reserved_slots = reserved_for_reactions(slots)
+        self._bulk = PrioritySemaphore(slots - self.reserved_slots)
         self.reconciles = 0
         self.durations: list[float] = []  # seconds per reconcile, for the stop log line (bench/)
 
@@ -97,7 +108,7 @@ class Scheduler:
     @property
     def queue_depth(self) -> int:
         """Reconciles waiting for a slot (kicked or handler-driven)."""
-        return self._slots.waiting
+        return self._slots.waiting + self._bulk.waiting
 
     @property
     def api_queue_depth(self) -> int:
@@ -109,7 +120,8 @@ class Scheduler:
         lock = self._locks.get(key)
         if lock is None:
             lock = self._locks[key] = asyncio.Lock()
-        async with lock, self._slots.slot(priority):
+        bulk = self._bulk.slot(priority) if priority != Priority.CHILD_EVENT else contextlib.nullcontext()
+        async with lock, bulk, self._slots.slot(priority):
             token = reconcile_priority.set(priority)  # the API requests of this reconcile wait at it too
             try:
                 yield

@@ -235,3 +235,32 @@ async def test_stage_job_events_kick_only_when_the_stage_phase_changes():
     assert kicked == ["dj", "dj", "dj"]
     assert scheduler.job_phase_seen == {}
     await scheduler.close()
+
+
+async def test_a_reaction_finds_a_slot_kept_for_it_while_first_reconciles_hold_the_rest():
+    """1 slot in 8 is for child events: a finished stage's reconcile starts at once, without
+    waiting for any of a backlog of first reconciles (which hold every other slot) to end."""
+    cluster = FakeCluster(latency=0.02)  # every request takes a while: the backlog holds its slots
+    cluster.put(distillation_job("early"))
+    names = [f"dj-{i:02d}" for i in range(30)]
+    for name in names:
+        cluster.put(distillation_job(name))
+    scheduler = Scheduler(settings(maxConcurrentReconciles=8), cluster)  # type: ignore[arg-type]
+    assert scheduler.reserved_slots == 1
+    await scheduler.reconcile_job("ns", "early")
+    cluster.finish_job("ns", jobs_of(cluster, "early")["generate"], message=generate_result())
+
+    before = len(cluster.calls)
+    backlog = [asyncio.create_task(scheduler.reconcile_job("ns", name)) for name in names]
+    while len({c.name for c in cluster.calls[before:]}) < 7:  # 7 first reconciles in flight: all they may hold
+        await asyncio.sleep(0.001)
+    scheduler.kick_job("ns", "early")  # the Job event
+    while "train" not in jobs_of(cluster, "early"):
+        await asyncio.sleep(0.001)
+    calls = cluster.calls[before:]
+    first_reaction_call = next(i for i, c in enumerate(calls) if c.priority == Priority.CHILD_EVENT)
+    finished_before = [c for c in calls[:first_reaction_call] if c.verb == "patch_status"]
+    assert finished_before == [], f"the reaction waited for {len(finished_before)} first reconciles to end"
+    assert scheduler.queue_depth > 0  # the backlog was still queued behind its 7 slots
+    await asyncio.gather(*backlog)
+    await scheduler.close()
