@@ -1,6 +1,6 @@
 """Live progress at scale: N running stages reporting, what it costs the API server and the reactions.
 
-    python bench/progress_scale.py                      # N = 1000, default intervals (~15 min on 2 cores)
+    python bench/progress_scale.py --n 200              # default intervals (the CPU pool holds 220 pods)
     python bench/progress_scale.py --n 100 --window 60  # quicker
 
 On the local cluster (real API server, kwok pods), in a fresh namespace, with the real operator:
@@ -108,7 +108,27 @@ class Reporters:
         self._thread.join(30)
 
 
+def check_pod_capacity(cluster: Cluster, n: int) -> None:
+    """N generate pods stay Running at once: the CPU pool must hold them all, or the bench would wait forever."""
+    from kubedistill.api.settings import OperatorSettings
+
+    selector = OperatorSettings().cpu_pool.node_selector
+    nodes = cluster.core().list_node().items
+    capacity = sum(
+        int((node.status.allocatable or {}).get("pods", 0))
+        for node in nodes
+        if all((node.metadata.labels or {}).get(k) == v for k, v in selector.items())
+        and not any(t.effect in ("NoSchedule", "NoExecute") for t in node.spec.taints or [])  # GPU nodes
+    )
+    if capacity < n:
+        raise SystemExit(
+            f"--n {n}: the CPU pool's nodes hold {capacity} pods, and every generate pod stays Running here; "
+            f"use --n {capacity} or less, or add kwok nodes with the pool's labels"
+        )
+
+
 def run(cluster: Cluster, n: int, window: float, release: int, workdir: Path) -> dict[str, Any]:
+    check_pod_capacity(cluster, n)
     progress = ProgressSettings()
     settings = {
         **SETTINGS,
@@ -201,7 +221,7 @@ def run(cluster: Cluster, n: int, window: float, release: int, workdir: Path) ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=1000, help="running DistillationJobs")
+    parser.add_argument("--n", type=int, default=200, help="running DistillationJobs (at most the CPU pool's pods)")
     parser.add_argument("--window", type=float, default=120, help="seconds each rate is measured over")
     parser.add_argument("--release", type=int, default=100, help="generate stages that finish while others report")
     args = parser.parse_args(argv)
