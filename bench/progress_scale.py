@@ -1,19 +1,23 @@
 """Live progress at scale: N running stages reporting, what it costs the API server and the reactions.
 
-    python bench/progress_scale.py --n 200              # default intervals (the CPU pool holds 220 pods)
+    python bench/progress_scale.py --n 1000             # default intervals
     python bench/progress_scale.py --n 100 --window 60  # quicker
 
 On the local cluster (real API server, kwok pods), in a fresh namespace, with the real operator:
 
-1. create N DistillationJobs whose generate pods kwok keeps running (the stage never ends);
+0. if the CPU pool's nodes hold fewer than N + ``--release`` pods, add kwok nodes cloned from its
+   first node (the local cluster's two hold 220), and remove them at the end;
+1. create N + ``--release`` DistillationJobs whose generate pods kwok keeps running (the stage
+   never ends until the bench lets it);
 2. baseline: the operator's API requests per second over ``--window`` seconds, nothing reporting;
-3. reporting: every running stage reports as a worker would (a merge patch of its job's progress
+   then ``--release`` generate pods finish, nothing reporting: per DistillationJob, generate Job
+   complete -> train Job created (p50/p99), as in bench/operator_scale.py;
+3. reporting: the N other stages report as workers would (a merge patch of the job's progress
    ConfigMap every ``progress.reportSeconds``, staggered), for the same window: the operator's
-   requests per second again (the difference is what progress adds), the status writes it made,
-   and how long a report took to show in the status (sampled);
-4. reactions under reporting: ``--release`` generate pods finish while every other stage keeps
-   reporting; per DistillationJob, generate Job complete -> train Job created (p50/p99), as in
-   bench/operator_scale.py.
+   requests per second again (the difference is what progress adds), and how long a report took
+   to show in the status (sampled);
+4. reactions under reporting: ``--release`` of the N finish while the rest keep reporting; the
+   same latencies, to compare with step 2's in the same run.
 
 The reports are written by this process with the admin credentials, at the workers' rate: the
 API server sees the same load; what a worker's own token may do is tested in tests/cluster.
@@ -108,27 +112,92 @@ class Reporters:
         self._thread.join(30)
 
 
-def check_pod_capacity(cluster: Cluster, n: int) -> None:
-    """N generate pods stay Running at once: the CPU pool must hold them all, or the bench would wait forever."""
+NODES_PER_POOL_NODE = 110  # pods a simulated CPU node holds (hack/cluster/nodes)
+
+
+def cpu_pool_nodes(cluster: Cluster) -> list[Any]:
+    """The nodes a CPU stage pod can land on: the pool's labels, no NoSchedule taint (GPU nodes have one)."""
     from kubedistill.api.settings import OperatorSettings
 
     selector = OperatorSettings().cpu_pool.node_selector
-    nodes = cluster.core().list_node().items
-    capacity = sum(
-        int((node.status.allocatable or {}).get("pods", 0))
-        for node in nodes
+    return [
+        node
+        for node in cluster.core().list_node().items
         if all((node.metadata.labels or {}).get(k) == v for k, v in selector.items())
-        and not any(t.effect in ("NoSchedule", "NoExecute") for t in node.spec.taints or [])  # GPU nodes
-    )
-    if capacity < n:
-        raise SystemExit(
-            f"--n {n}: the CPU pool's nodes hold {capacity} pods, and every generate pod stays Running here; "
-            f"use --n {capacity} or less, or add kwok nodes with the pool's labels"
-        )
+        and not any(t.effect in ("NoSchedule", "NoExecute") for t in node.spec.taints or [])
+    ]
+
+
+def pod_capacity(nodes: list[Any]) -> int:
+    return sum(int((node.status.allocatable or {}).get("pods", 0)) for node in nodes)
+
+
+class ExtraNodes:
+    """kwok nodes cloned from the CPU pool's first node, so that N generate pods can all be Running.
+
+    The local cluster has two CPU nodes (220 pods); every pod of this bench stays Running, so an N
+    above that needs more nodes. They are removed when the bench ends.
+    """
+
+    PREFIX = "bench-progress-cpu-"
+
+    def __init__(self, cluster: Cluster, n: int) -> None:
+        self.core = cluster.core()
+        self.names: list[str] = []
+        nodes = cpu_pool_nodes(cluster)
+        missing = n - pod_capacity(nodes)
+        if missing <= 0:
+            return
+        if not nodes:
+            raise SystemExit("no CPU pool node to copy: start the cluster with hack/cluster/up")
+        template = nodes[0]
+        pods = int(template.status.allocatable.get("pods", NODES_PER_POOL_NODE))
+        for i in range(-(-missing // pods)):
+            name = f"{self.PREFIX}{i}"
+            labels = {**(template.metadata.labels or {}), "kubernetes.io/hostname": name}
+            body = {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {"name": name, "labels": labels, "annotations": dict(template.metadata.annotations or {})},
+                "status": {
+                    "capacity": dict(template.status.capacity),
+                    "allocatable": dict(template.status.allocatable),
+                    "addresses": [{"type": "Hostname", "address": name}],
+                },
+            }
+            self.core.create_node(body)
+            self.names.append(name)
+        wait_for(lambda: all(self._ready(name) for name in self.names), timeout=120, interval=1,
+                 what=f"{len(self.names)} extra kwok nodes Ready")  # fmt: skip
+        print(f"added {len(self.names)} kwok CPU nodes ({len(self.names) * pods} pods) for --n {n}", flush=True)
+
+    def _ready(self, name: str) -> bool:
+        conditions = self.core.read_node(name).status.conditions or []
+        return any(c.type == "Ready" and c.status == "True" for c in conditions)
+
+    def remove(self) -> None:
+        for name in self.names:
+            try:
+                self.core.delete_node(name)
+            except Exception as exc:  # report it and remove the rest
+                print(f"could not remove node {name}: {exc}", file=sys.stderr)
+
+
+def release_and_time(cluster: Cluster, namespace: str, watcher: JobWatcher, released: list[str]) -> list[float]:
+    """Let these generate pods finish; per DistillationJob, seconds from generate Job complete to train Job created."""
+    core = cluster.core()
+    for name in released:
+        for pod in core.list_namespaced_pod(namespace, label_selector=f"kubedistill.io/job={name}").items:
+            core.patch_namespaced_pod(pod.metadata.name, namespace, {"metadata": {"annotations": {ANN_HOLD: None}}})
+    wait_for(lambda: all((name, "train") in watcher.seen for name in released), timeout=600, interval=1,
+             what=f"{len(released)} train Jobs")  # fmt: skip
+    with watcher.lock:
+        seen = dict(watcher.seen)
+    return [seen[(name, "train")] - seen[(name, "generate-complete")] for name in released
+            if (name, "generate-complete") in seen]  # fmt: skip
 
 
 def run(cluster: Cluster, n: int, window: float, release: int, workdir: Path) -> dict[str, Any]:
-    check_pod_capacity(cluster, n)
     progress = ProgressSettings()
     settings = {
         **SETTINGS,
@@ -144,9 +213,10 @@ def run(cluster: Cluster, n: int, window: float, release: int, workdir: Path) ->
         assert op.proc is not None
         watcher = JobWatcher(cluster, namespace)
         names = [f"dj-{i:04d}" for i in range(n)]
+        quiet = [f"quiet-{i:04d}" for i in range(release)]  # finish before anyone reports: the baseline reactions
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda name: custom.create_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, distillation_job(name, serve=False)), names))  # fmt: skip
+                GROUP, VERSION, namespace, PLURAL, distillation_job(name, serve=False)), names + quiet))  # fmt: skip
 
         def running() -> dict[str, str]:
             found = statuses(cluster, namespace)
@@ -156,14 +226,16 @@ def run(cluster: Cluster, n: int, window: float, release: int, workdir: Path) ->
                 if (s.get("stages") or {}).get("generate", {}).get("phase") == "Running"
             }
 
-        wait_for(lambda: len(running()) == n, timeout=1800, interval=5, what=f"{n} generate stages running")
-        jobs = running()
+        total = n + release
+        wait_for(lambda: len(running()) == total, timeout=1800, interval=5, what=f"{total} generate stages running")
+        jobs = {name: job for name, job in running().items() if name in set(names)}
         time.sleep(10)  # the start-up settles
 
         # Baseline: nothing reports.
         before = api_requests(op)
         time.sleep(window)
         baseline = (api_requests(op) - before) / window
+        reaction_quiet = release_and_time(cluster, namespace, watcher, quiet)
 
         # Reporting: every stage, at the workers' interval.
         reporters = Reporters(cluster, namespace, jobs, progress.report_seconds)
@@ -184,20 +256,10 @@ def run(cluster: Cluster, n: int, window: float, release: int, workdir: Path) ->
             elif written:
                 lags.append(time.monotonic() - written[0])
 
-        # Reactions while everyone reports: some generate pods finish.
-        core = cluster.core()
-        released = names[:release]
-        for name in released:
-            for pod in core.list_namespaced_pod(namespace, label_selector=f"kubedistill.io/job={name}").items:
-                core.patch_namespaced_pod(pod.metadata.name, namespace, {"metadata": {"annotations": {ANN_HOLD: None}}})
-        wait_for(lambda: all((name, "train") in watcher.seen for name in released), timeout=600, interval=1,
-                 what=f"{release} train Jobs")  # fmt: skip
+        # Reactions while everyone else reports: as many generate pods finish.
+        reaction = release_and_time(cluster, namespace, watcher, names[:release])
         reporters.stop()
         peak_rss, cpu = proc_stats(op.proc.pid)
-        with watcher.lock:
-            seen = dict(watcher.seen)
-        reaction = [seen[(name, "train")] - seen[(name, "generate-complete")] for name in released
-                    if (name, "generate-complete") in seen]  # fmt: skip
         watcher.stop()
         op.stop()
     return {
@@ -211,6 +273,8 @@ def run(cluster: Cluster, n: int, window: float, release: int, workdir: Path) ->
         "worker_patches_per_second": worker_patches,
         "report_errors": reporters.errors,
         "status_lag_sampled_max": max(lags) if lags else None,
+        "reaction_p50_quiet": percentile(reaction_quiet, 0.5),
+        "reaction_p99_quiet": percentile(reaction_quiet, 0.99),
         "reaction_p50": percentile(reaction, 0.5),
         "reaction_p99": percentile(reaction, 0.99),
         "released": len(reaction),
@@ -221,23 +285,34 @@ def run(cluster: Cluster, n: int, window: float, release: int, workdir: Path) ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=200, help="running DistillationJobs (at most the CPU pool's pods)")
+    parser.add_argument("--n", type=int, default=1000, help="running DistillationJobs")
     parser.add_argument("--window", type=float, default=120, help="seconds each rate is measured over")
-    parser.add_argument("--release", type=int, default=100, help="generate stages that finish while others report")
+    parser.add_argument(
+        "--release",
+        type=int,
+        default=100,
+        help="generate stages that finish before reporting, and as many during it",
+    )
     args = parser.parse_args(argv)
     cluster = ensure_cluster()
     install_crds(cluster)
-    row = run(cluster, args.n, args.window, min(args.release, args.n), RESULTS.parent / "progress_scale_logs")
+    release = min(args.release, args.n)
+    extra = ExtraNodes(cluster, args.n + release)
+    try:
+        row = run(cluster, args.n, args.window, release, RESULTS.parent / "progress_scale_logs")
+    finally:
+        extra.remove()
     print(json.dumps(row, indent=1))
     print(
         f"{'N':>5} {'report s':>8} {'status s':>8} {'op req/s base':>13} {'op req/s reporting':>18} "
-        f"{'added':>6} {'worker patch/s':>14} {'react p50/p99 s':>16} {'peak RSS MiB':>12}"
+        f"{'added':>6} {'worker patch/s':>14} {'react p50/p99 quiet':>19} {'reporting':>11} {'peak RSS MiB':>12}"
     )
     print(
         f"{row['n']:>5} {row['report_seconds']:>8.0f} {row['status_seconds']:>8.0f} "
         f"{row['operator_requests_per_second_baseline']:>13.1f} {row['operator_requests_per_second_reporting']:>18.1f} "
         f"{row['operator_requests_per_second_added']:>6.1f} {row['worker_patches_per_second']:>14.1f} "
-        f"{row['reaction_p50']:>7.2f}/{row['reaction_p99']:<8.2f} {row['operator_peak_rss_mib']:>12.0f}"
+        f"{row['reaction_p50_quiet']:>10.2f}/{row['reaction_p99_quiet']:<8.2f} "
+        f"{row['reaction_p50']:>5.2f}/{row['reaction_p99']:<5.2f} {row['operator_peak_rss_mib']:>12.0f}"
     )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     meta = {"machine": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()}
