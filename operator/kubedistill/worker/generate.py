@@ -75,7 +75,7 @@ from kubedistill.storage.objectstore import (
 )
 from kubedistill.worker.common import WorkerError
 from kubedistill.worker.teacher.batch import BatchPass
-from kubedistill.worker.teacher.census import Census, Failure, RunStats, project_missing, take_census
+from kubedistill.worker.teacher.census import AskInputs, Census, Failure, RunStats, project_missing, take_census
 from kubedistill.worker.teacher.keys import settings_digest, teacher_settings
 from kubedistill.worker.teacher.measure import measure_endpoint, measure_offline, probe_conversations
 from kubedistill.worker.teacher.offline_pass import OfflineTeacher, ask_offline
@@ -171,13 +171,14 @@ def _generate(
     failures: list[Failure] = []
     if census.to_ask:
         start = time.monotonic()
+        inputs = AskInputs(sources, options, answers, census, stats, ledger)
         if teacher.endpoint is not None and teacher.endpoint.mode == "batch":
-            failures = BatchPass(config, sources, options, answers, census, stats, ledger, work).run()
+            failures = BatchPass(config, inputs, work).run()
         elif teacher.endpoint is not None:
-            failures = asyncio.run(EndpointPass(config, sources, options, answers, census, stats, ledger).run())
+            failures = asyncio.run(EndpointPass(config, inputs).run())
         else:
             assert offline is not None
-            failures = ask_offline(offline, sources, options, answers, census, stats, ledger, counter)
+            failures = ask_offline(offline, inputs, counter)
         stats.ask_seconds = time.monotonic() - start
         log.info(
             "generate asked: answered=%d failed_prompts=%d seconds=%.1f store_batches=%d spent=%s",

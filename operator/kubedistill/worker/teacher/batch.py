@@ -46,11 +46,10 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_rand
 from kubedistill.api.worker_config import GenerateConfig
 from kubedistill.storage.objectstore import StorageError, join
 from kubedistill.worker.common import Preempted, WorkerError
-from kubedistill.worker.teacher.census import Census, Failure, RunStats, missing_work
+from kubedistill.worker.teacher.census import AskInputs, Failure
 from kubedistill.worker.teacher.endpoint import FATAL_STATUS, chat_payload, parse_completion, scrub
-from kubedistill.worker.teacher.prompts import Prompt, ScanOptions, Source
-from kubedistill.worker.teacher.spend import Charge, Ledger, prompt_upper_bound, usage_from_response, worst_case
-from kubedistill.worker.teacher.store import AnswerStore
+from kubedistill.worker.teacher.prompts import Prompt
+from kubedistill.worker.teacher.spend import Charge, prompt_upper_bound, usage_from_response, worst_case
 
 log = logging.getLogger("kubedistill.worker.generate")
 FINISHED = frozenset({"completed", "expired", "failed", "cancelled"})
@@ -155,22 +154,17 @@ class BatchPass:
     def __init__(
         self,
         config: GenerateConfig,
-        sources: list[Source],
-        options: ScanOptions,
-        answers: AnswerStore,
-        census: Census,
-        stats: RunStats,
-        ledger: Ledger,
+        inputs: AskInputs,
         work: Path,
     ) -> None:
         spec = config.teacher.endpoint
         assert spec is not None
         self.config, self.spec, self.settings = config, spec, spec.batch
-        self.sources, self.options, self.answers, self.census, self.stats = sources, options, answers, census, stats
-        self.ledger = ledger
+        self.inputs = inputs
+        self.answers, self.ledger, self.stats = inputs.answers, inputs.ledger, inputs.stats
         self.work = work
         self.max_tokens = config.teacher.sampling.max_tokens
-        self.records_uri = join(answers.prefix, RECORDS_DIR)
+        self.records_uri = join(self.answers.prefix, RECORDS_DIR)
         self.failures: list[Failure] = []
         self.failed: dict[str, str] = {}  # custom_id -> reason, once out of rounds
         self.rounds: dict[str, int] = {}  # custom_id -> batches it went through in this run
@@ -249,7 +243,7 @@ class BatchPass:
 
     def _pending(self) -> Iterator[tuple[Prompt, list[str]]]:
         in_flight = {cid for live in self.live for cid in live.record.requests}
-        for prompt, keys in missing_work(self.sources, self.options, self.answers):
+        for prompt, keys in self.inputs.missing():
             custom_id = keys[0]
             if custom_id in in_flight:
                 continue

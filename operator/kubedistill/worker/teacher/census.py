@@ -61,6 +61,22 @@ class RunStats:
     ledger: Ledger | None = None
 
 
+@dataclass(frozen=True)
+class AskInputs:
+    """What pass 2 works from, whichever teacher it asks: the prompts, the store, the census and the bills."""
+
+    sources: list[Source]
+    options: ScanOptions
+    answers: AnswerStore
+    census: Census
+    stats: RunStats
+    ledger: Ledger
+
+    def missing(self, *, with_heartbeats: bool = False) -> Iterator[Any]:
+        """Each prompt with the keys of its samples not yet stored (see ``missing_work``)."""
+        return missing_work(self.sources, self.options, self.answers, with_heartbeats=with_heartbeats)
+
+
 def take_census(
     sources: list[Source],
     options: ScanOptions,

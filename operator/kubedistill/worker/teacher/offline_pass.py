@@ -14,11 +14,11 @@ from typing import Any
 from kubedistill.api.worker_config import GenerateConfig
 from kubedistill.storage.objectstore import ObjectStore, is_s3, open_store
 from kubedistill.worker.common import Preempted
-from kubedistill.worker.teacher.census import Census, Failure, RunStats, missing_work
+from kubedistill.worker.teacher.census import AskInputs, Failure
 from kubedistill.worker.teacher.progress import Progress
-from kubedistill.worker.teacher.prompts import Prompt, ScanOptions, Source
-from kubedistill.worker.teacher.spend import Ledger, PromptCounter, worst_case
-from kubedistill.worker.teacher.store import Answer, AnswerStore
+from kubedistill.worker.teacher.prompts import Prompt
+from kubedistill.worker.teacher.spend import PromptCounter, worst_case
+from kubedistill.worker.teacher.store import Answer
 
 
 class OfflineTeacher:
@@ -56,17 +56,13 @@ class OfflineTeacher:
 
 def ask_offline(
     teacher: OfflineTeacher,
-    sources: list[Source],
-    options: ScanOptions,
-    answers: AnswerStore,
-    census: Census,
-    stats: RunStats,
-    ledger: Ledger,
+    inputs: AskInputs,
     counter: PromptCounter,
 ) -> list[Failure]:
     """Batches of prompts through vLLM, answers stored after each batch, each request held against the budget."""
     from kubedistill.worker.teacher.offline import OfflineItem, StopFlag, run_offline
 
+    answers, census, stats, ledger = inputs.answers, inputs.census, inputs.stats, inputs.ledger
     config = teacher.config
     spec = config.teacher.vllm
     assert spec is not None
@@ -76,7 +72,7 @@ def ask_offline(
     progress = Progress(census.to_ask, config.progress, label=spec.model, reused=census.stored)
 
     def items() -> Iterator[OfflineItem]:
-        for prompt, keys in missing_work(sources, options, answers):
+        for prompt, keys in inputs.missing():
             item = OfflineItem(prompt.messages, keys, worst_case(counter(prompt.messages), len(keys), max_tokens))
             prompts_by_item[id(item)] = prompt
             yield item

@@ -26,13 +26,12 @@ from typing import Any
 
 from kubedistill.api.worker_config import GenerateConfig
 from kubedistill.worker.common import EXIT_INTERNAL, Preempted, WorkerError, exit_deadline, on_sigterm
-from kubedistill.worker.teacher.census import Census, Failure, RunStats, missing_work
+from kubedistill.worker.teacher.census import AskInputs, Failure
 from kubedistill.worker.teacher.endpoint import CallStats, EndpointClient, FatalTeacherError, TeacherCallError
 from kubedistill.worker.teacher.limits import RateLimits
 from kubedistill.worker.teacher.progress import Progress
-from kubedistill.worker.teacher.prompts import Prompt, ScanOptions, Source
-from kubedistill.worker.teacher.spend import BudgetExhausted, Ledger
-from kubedistill.worker.teacher.store import AnswerStore
+from kubedistill.worker.teacher.prompts import Prompt
+from kubedistill.worker.teacher.spend import BudgetExhausted
 
 log = logging.getLogger("kubedistill.worker.generate")
 
@@ -78,23 +77,15 @@ class EndpointPass:
     def __init__(
         self,
         config: GenerateConfig,
-        sources: list[Source],
-        options: ScanOptions,
-        answers: AnswerStore,
-        census: Census,
-        stats: RunStats,
-        ledger: Ledger,
+        inputs: AskInputs,
     ) -> None:
         spec = config.teacher.endpoint
         assert spec is not None
+        census = inputs.census
         self.config = config
-        self.ledger = ledger
         self.spec = spec
-        self.sources = sources
-        self.options = options
-        self.answers = answers
-        self.census = census
-        self.stats = stats
+        self.inputs = inputs
+        self.answers, self.census, self.ledger, self.stats = inputs.answers, inputs.census, inputs.ledger, inputs.stats
         self.concurrency = max(1, min(spec.max_concurrency, census.prompts_to_ask))
         self.failures: list[Failure] = []
         self.in_flight = 0
@@ -206,7 +197,7 @@ class EndpointPass:
     # ------------------------------------------------------------------ the tasks
 
     async def produce(self) -> None:
-        work = missing_work(self.sources, self.options, self.answers, with_heartbeats=True)
+        work = self.inputs.missing(with_heartbeats=True)
         for scanned, entry in enumerate(work):
             if self.asking_stopped:
                 break
