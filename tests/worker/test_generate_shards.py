@@ -17,18 +17,11 @@ import pytest
 
 from kubedistill.api.worker_config import SHARD_INDEX_ENV, SHARD_RUN_ENV
 from kubedistill.worker.teacher.shards import REPORTS_DIR, Shard
-from tests.support.fault_stub import FaultStub
-from tests.worker.test_generate_stub import API_KEY, Job, _wait_for_stored, asked, prompts
+from tests.support.generate_job import API_KEY, GenerateJob, asked, prompts, wait_for_stored
 
 pytestmark = pytest.mark.worker
 
 SHARDS = 3
-
-
-@pytest.fixture(scope="module")
-def stub():
-    with FaultStub(api_key=API_KEY) as server:
-        yield server
 
 
 @pytest.fixture
@@ -52,7 +45,7 @@ def result_of(tmp_path: Path, index: int) -> dict:
     return json.loads((tmp_path / f"termination-log-{index}").read_text())
 
 
-def dataset_files(job: Job) -> dict[str, bytes]:
+def dataset_files(job: GenerateJob) -> dict[str, bytes]:
     """The dataset's shard files and failures, by path: what a single pod would have written."""
     files = {shard.path: job.get(f"run/dataset/{shard.path}") for shard in job.manifest().shards}
     if job.exists("run/dataset/failures.jsonl"):  # it names the prompts' source, in the job's own bucket
@@ -65,7 +58,7 @@ def test_three_shards_ask_every_prompt_once_and_write_the_single_pod_dataset(s3,
     faults = {"prompt-1": ["429:1", "ok"], "prompt-2": ["500", "ok"], "prompt-3": ["malformed", "ok"]}
     stub.script(faults)
     items = [*prompts(total), b"{not json"]
-    job = Job(s3, stub, tmp_path, items, teacher={"endpoint": {"maxConcurrency": 6}, "shards": SHARDS})
+    job = GenerateJob(s3, stub, tmp_path, items, teacher={"endpoint": {"maxConcurrency": 6}, "shards": SHARDS})
     job.doc["shardPollSeconds"] = 0.2
 
     procs = [job.cli(shard_env(env, tmp_path, i)) for i in range(SHARDS)]
@@ -88,7 +81,7 @@ def test_three_shards_ask_every_prompt_once_and_write_the_single_pod_dataset(s3,
     # One process over the same prompts, into another bucket, writes the same dataset byte for byte.
     stub.reset()
     stub.script(faults)
-    single = Job(s3, stub, tmp_path / "single", items)
+    single = GenerateJob(s3, stub, tmp_path / "single", items)
     (tmp_path / "single").mkdir()
     finish(single.cli({**env, "KUBEDISTILL_TERMINATION_LOG": str(tmp_path / "single-log")}))
     assert single.manifest().digest == job.manifest().digest == result["digest"]
@@ -103,7 +96,7 @@ def test_three_shards_ask_every_prompt_once_and_write_the_single_pod_dataset(s3,
 def test_a_killed_shard_resumes_alone_asking_only_its_own_missing_prompts(s3, stub, env, tmp_path):
     total = 300
     stub.script({}, latency=0.05)
-    job = Job(
+    job = GenerateJob(
         s3, stub, tmp_path, prompts(total), flushEvery=10, flushSeconds=0.25,
         teacher={"endpoint": {"maxConcurrency": 6}, "shards": SHARDS},
     )  # fmt: skip
@@ -112,7 +105,7 @@ def test_a_killed_shard_resumes_alone_asking_only_its_own_missing_prompts(s3, st
 
     procs = {i: job.cli(shard_env(env, tmp_path, i)) for i in range(SHARDS)}
     try:
-        _wait_for_stored(job, procs[1], at_least=60)
+        wait_for_stored(job, procs[1], at_least=60)
     finally:
         procs[1].send_signal(signal.SIGKILL)
         procs[1].communicate(timeout=30)
@@ -135,7 +128,7 @@ def test_a_killed_shard_resumes_alone_asking_only_its_own_missing_prompts(s3, st
 
 def test_shard_reports_of_another_job_are_never_read(s3, stub, env, tmp_path):
     """A report under another Job's uid does not stand for this Job's shard."""
-    job = Job(s3, stub, tmp_path, prompts(30), teacher={"shards": 2})
+    job = GenerateJob(s3, stub, tmp_path, prompts(30), teacher={"shards": 2})
     job.doc["shardPollSeconds"] = 0.2
     job.client.put_object(
         Bucket=job.bucket, Key=f"run/dataset/{REPORTS_DIR}/old-uid/1.json", Body=b'{"index": 1, "requested": 99}'

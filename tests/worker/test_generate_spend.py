@@ -21,32 +21,12 @@ from kubedistill.api.worker_config import StageFailure
 from kubedistill.worker import common, estimate, generate
 from kubedistill.worker.teacher.batch import BatchRecord, BatchRequest
 from kubedistill.worker.teacher.keys import settings_digest
-from tests.support.fault_stub import FaultStub
-from tests.worker.test_generate_stub import API_KEY, Job, asked, prompts
+from tests.support.generate_job import API_KEY, GenerateJob, asked, prompts
 
 pytestmark = pytest.mark.worker
 
 PRICES = {"currency": "USD", "inputPerMillion": 2.0, "cachedInputPerMillion": 0.5, "outputPerMillion": 8.0,
           "batch": {"inputPerMillion": 1.0, "cachedInputPerMillion": 0.25, "outputPerMillion": 4.0}}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def stub():
-    with FaultStub(api_key=API_KEY) as server:
-        yield server
-
-
-@pytest.fixture
-def env(s3, stub, monkeypatch, tmp_path):
-    values = {
-        **s3.env(),
-        "KUBEDISTILL_TEACHER_API_KEY": API_KEY,
-        "KUBEDISTILL_TERMINATION_LOG": str(tmp_path / "termination-log"),
-    }
-    for name, value in values.items():
-        monkeypatch.setenv(name, value)
-    stub.reset()
-    return values
 
 
 def priced(bill: dict[str, int], prices: dict) -> float:
@@ -71,12 +51,12 @@ def termination(env: dict[str, str]) -> str:
     return Path(env["KUBEDISTILL_TERMINATION_LOG"]).read_text()
 
 
-def store_objects(job: Job) -> list[str]:
+def store_objects(job: GenerateJob) -> list[str]:
     listing = job.client.list_objects_v2(Bucket=job.bucket, Prefix="answers/")
     return [obj["Key"] for obj in listing.get("Contents", [])]
 
 
-def answer_keys(job: Job) -> set[str]:
+def answer_keys(job: GenerateJob) -> set[str]:
     keys = set()
     for name in store_objects(job):
         if name.endswith(".jsonl"):
@@ -84,7 +64,7 @@ def answer_keys(job: Job) -> set[str]:
     return keys
 
 
-def batch_records(job: Job) -> list[str]:
+def batch_records(job: GenerateJob) -> list[str]:
     return [name for name in store_objects(job) if "/batches/" in name]
 
 
@@ -99,7 +79,7 @@ def test_recorded_spend_is_the_stubs_bill_retries_and_cached_tokens_included(s3,
         "prompt-4": ["truncated", "ok"],  # lost in transit: unconfirmed, the stub billed nothing
     }
     stub.script(faults)
-    job = Job(s3, stub, tmp_path, prompts(30), teacher={"systemPrompt": "You are a precise assistant.",
+    job = GenerateJob(s3, stub, tmp_path, prompts(30), teacher={"systemPrompt": "You are a precise assistant.",
                                                         "pricing": PRICES})  # fmt: skip
     result, stats = generate.run(job.config)
 
@@ -121,7 +101,7 @@ def test_recorded_spend_is_the_stubs_bill_retries_and_cached_tokens_included(s3,
 def test_the_projection_is_logged_before_the_first_request_and_matches_the_estimate_stage(
     s3, stub, env, tmp_path, caplog
 ):
-    job = Job(s3, stub, tmp_path, prompts(20), teacher={"pricing": PRICES})
+    job = GenerateJob(s3, stub, tmp_path, prompts(20), teacher={"pricing": PRICES})
     projected = TeacherSpend.model_validate(estimate.main(job.config)).projected
     assert stub.requests() == []  # estimating asks nothing
     assert projected is not None and projected.counted_with == "estimate"
@@ -142,7 +122,7 @@ def test_the_projection_is_logged_before_the_first_request_and_matches_the_estim
 def test_half_the_projection_stops_at_the_budget_then_more_budget_asks_exactly_the_rest(s3, stub, env, tmp_path):
     total = 40
     stub.script({}, fill=True)  # answers as long as maxTokens allows: the projection is close to the bill
-    job = Job(s3, stub, tmp_path, prompts(total), teacher={"pricing": PRICES})
+    job = GenerateJob(s3, stub, tmp_path, prompts(total), teacher={"pricing": PRICES})
     projected = TeacherSpend.model_validate(estimate.main(job.config)).projected
     assert projected is not None
     budget = projected.tokens // 2
@@ -185,7 +165,7 @@ def test_half_the_projection_stops_at_the_budget_then_more_budget_asks_exactly_t
 
 def test_a_cost_budget_holds_with_many_requests_in_flight(s3, stub, env, tmp_path):
     stub.script({}, latency=0.05, fill=True)
-    job = Job(s3, stub, tmp_path, prompts(60), teacher={"pricing": PRICES, "endpoint": {"maxConcurrency": 16}})
+    job = GenerateJob(s3, stub, tmp_path, prompts(60), teacher={"pricing": PRICES, "endpoint": {"maxConcurrency": 16}})
     projected = TeacherSpend.model_validate(estimate.main(job.config)).projected
     job.doc["teacher"]["budget"] = {"maxCost": round(projected.cost / 3, 6)}
     with pytest.raises(common.StageStopped) as stopped:
@@ -202,12 +182,14 @@ def test_a_cost_budget_holds_with_many_requests_in_flight(s3, stub, env, tmp_pat
 
 def batch_job(s3, stub, tmp_path, items, **batch):
     settings = {"pollSeconds": 0.2, **batch}
-    return Job(s3, stub, tmp_path, items, teacher={"endpoint": {"mode": "batch", "batch": settings}, "pricing": PRICES})
+    return GenerateJob(
+        s3, stub, tmp_path, items, teacher={"endpoint": {"mode": "batch", "batch": settings}, "pricing": PRICES}
+    )
 
 
 def test_batch_and_online_give_the_same_dataset_and_batch_spend_uses_batch_prices(s3, stub, env, tmp_path):
     items = prompts(25)
-    online = Job(s3, stub, tmp_path / "online", items)
+    online = GenerateJob(s3, stub, tmp_path / "online", items)
     online_result, _ = generate.run(online.config)
     stub.reset()
     batched = batch_job(s3, stub, tmp_path / "batch", items, maxRequestsPerBatch=10)
@@ -294,7 +276,9 @@ def test_a_batch_created_before_its_id_was_recorded_is_found_not_created_again(s
 
 
 def test_an_endpoint_teachers_speed_is_probed_streamed_and_its_requests_are_billed(s3, stub, env, tmp_path):
-    job = Job(s3, stub, tmp_path, prompts(40), speed={"prompts": 4, "concurrency": 3}, teacher={"pricing": PRICES})
+    job = GenerateJob(
+        s3, stub, tmp_path, prompts(40), speed={"prompts": 4, "concurrency": 3}, teacher={"pricing": PRICES}
+    )
     result, _ = generate.run(job.config)
 
     speed = result.teacher_speed

@@ -18,140 +18,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import yaml
 
-from kubedistill.api.dataset import DatasetManifest, DatasetRecord, FailureRecord
 from kubedistill.api.worker_config import GenerateConfig
 from kubedistill.worker import common, generate
-from kubedistill.worker.teacher.keys import answer_key, teacher_settings
 from kubedistill.worker.topk import decode
-from tests.support.fault_stub import FaultStub
+from tests.support.generate_job import API_KEY, GenerateJob, asked, prompts, wait_for_stored
 from tests.support.progress import ProgressSampler
 
 pytestmark = pytest.mark.worker
-
-API_KEY = "sk-test-0123456789abcdef"
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def stub():
-    with FaultStub(api_key=API_KEY) as server:
-        yield server
-
-
-@pytest.fixture
-def env(s3, stub, monkeypatch, tmp_path):
-    """Credentials as a pod gets them: S3 keys, the teacher key, the termination log path."""
-    values = {
-        **s3.env(),
-        "KUBEDISTILL_TEACHER_API_KEY": API_KEY,
-        "KUBEDISTILL_TERMINATION_LOG": str(tmp_path / "termination-log"),
-    }
-    for name, value in values.items():
-        monkeypatch.setenv(name, value)
-    stub.reset()
-    return values
-
-
-class Job:
-    """One generate job's URIs in a fresh bucket, and helpers to read what it wrote."""
-
-    def __init__(self, s3, stub, tmp_path, prompts, **overrides):
-        self.s3, self.stub, self.tmp = s3, stub, tmp_path
-        self.bucket = s3.make_bucket()
-        self.client = s3.client()
-        lines = [p if isinstance(p, bytes) else json.dumps(p).encode() for p in prompts]
-        self.client.put_object(Bucket=self.bucket, Key="in/prompts.jsonl", Body=b"\n".join(lines) + b"\n")
-        self.doc = {
-            "prompts": f"s3://{self.bucket}/in/prompts.jsonl",
-            "outputUri": f"s3://{self.bucket}/run/dataset",
-            "answerStoreUri": f"s3://{self.bucket}/answers",
-            "teacher": {
-                "endpoint": {
-                    "baseURL": stub.base_url,
-                    "model": "stub-teacher",
-                    "timeoutSeconds": 1,
-                    "maxConcurrency": 8,
-                },
-                "sampling": {"temperature": 0, "maxTokens": 32},
-            },
-            "evalFraction": 0.2,
-            "storage": {"endpoint": s3.endpoint_url, "addressingStyle": "path"},
-            "workDir": str(tmp_path / "work"),
-            "backoffInitialSeconds": 0.05,
-            "backoffMaxSeconds": 0.5,
-            "progress": {"intervalSeconds": 1},
-        }
-        _merge(self.doc, overrides)
-
-    @property
-    def config(self) -> GenerateConfig:
-        return GenerateConfig.model_validate(self.doc)
-
-    def config_file(self) -> Path:
-        path = self.tmp / "generate.yaml"
-        path.write_text(yaml.safe_dump(self.doc))
-        return path
-
-    def get(self, key: str) -> bytes:
-        return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
-
-    def exists(self, key: str) -> bool:
-        return "Contents" in self.client.list_objects_v2(Bucket=self.bucket, Prefix=key)
-
-    def manifest(self) -> DatasetManifest:
-        return DatasetManifest.model_validate_json(self.get("run/dataset/manifest.json"))
-
-    def records(self) -> list[DatasetRecord]:
-        out = []
-        for shard in self.manifest().shards:
-            body = self.get(f"run/dataset/{shard.path}")
-            out += [DatasetRecord.model_validate_json(line) for line in body.splitlines()]
-        return out
-
-    def failures(self) -> list[FailureRecord]:
-        body = self.get("run/dataset/failures.jsonl")
-        return [FailureRecord.model_validate_json(line) for line in body.splitlines()]
-
-    def stored_keys(self) -> set[str]:
-        keys = set()
-        listing = self.client.list_objects_v2(Bucket=self.bucket, Prefix="answers/")
-        for obj in listing.get("Contents", []):
-            for line in self.get(obj["Key"]).splitlines():
-                keys.add(json.loads(line)["key"])
-        return keys
-
-    def key_of(self, prompt: str) -> str:
-        return answer_key(teacher_settings(self.config.teacher), (("user", prompt),), 0)
-
-    def cli(self, env: dict[str, str]) -> subprocess.Popen[str]:
-        """`python -m kubedistill.worker generate --config FILE`, as the pod runs it."""
-        return subprocess.Popen(
-            [sys.executable, "-m", "kubedistill.worker", "generate", "--config", str(self.config_file())],
-            cwd=REPO_ROOT,
-            env={**os.environ, **env},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-
-
-def _merge(base: dict, extra: dict) -> None:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = value
-
-
-def prompts(n: int) -> list[dict]:
-    return [{"id": f"p{i}", "prompt": f"prompt-{i}"} for i in range(n)]
-
-
-def asked(stub: FaultStub) -> Counter[str]:
-    return Counter(entry["prompt"] for entry in stub.requests())
-
 
 # --------------------------------------------------------------------------- faults and limits
 
@@ -167,7 +41,7 @@ def test_faults_every_prompt_answered_once_retries_observed_rate_never_exceeded(
         "prompt-6": ["503:1", "ok"],
     }
     stub.script(faults)
-    job = Job(
+    job = GenerateJob(
         s3, stub, tmp_path, items, maxPromptChars=300, teacher={"endpoint": {"requestsPerMinute": 1200}, "logprobs": 2}
     )
     caplog.set_level("DEBUG")
@@ -213,7 +87,7 @@ def test_faults_every_prompt_answered_once_retries_observed_rate_never_exceeded(
 
 
 def test_changed_sampling_is_a_new_key_and_more_samples_ask_only_for_the_new_ones(s3, stub, env, tmp_path):
-    job = Job(s3, stub, tmp_path, prompts(6))
+    job = GenerateJob(s3, stub, tmp_path, prompts(6))
     generate.run(job.config)
     assert sum(asked(stub).values()) == 6
 
@@ -237,7 +111,7 @@ def test_changed_sampling_is_a_new_key_and_more_samples_ask_only_for_the_new_one
 
 def test_wrong_api_key_stops_the_stage_without_leaking_it(s3, stub, env, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("KUBEDISTILL_TEACHER_API_KEY", "sk-wrong-9876543210")
-    job = Job(s3, stub, tmp_path, prompts(40))
+    job = GenerateJob(s3, stub, tmp_path, prompts(40))
     with pytest.raises(common.WorkerError) as err:
         generate.run(job.config)
     assert "HTTP 401" in str(err.value) and "API key" in str(err.value)
@@ -250,7 +124,7 @@ def test_wrong_api_key_stops_the_stage_without_leaking_it(s3, stub, env, tmp_pat
 
 def test_too_many_failures_fail_with_one_line_reason_then_a_rerun_asks_only_those(s3, stub, env, tmp_path):
     stub.script({f"prompt-{i}": ["500"] * 2 for i in range(3)})
-    job = Job(s3, stub, tmp_path, prompts(12), maxFailureFraction=0.2, teacher={"endpoint": {"maxRetries": 1}})
+    job = GenerateJob(s3, stub, tmp_path, prompts(12), maxFailureFraction=0.2, teacher={"endpoint": {"maxRetries": 1}})
     proc = job.cli(env)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == common.EXIT_FAILED, out
@@ -272,7 +146,7 @@ def test_too_many_failures_fail_with_one_line_reason_then_a_rerun_asks_only_thos
 
 def test_failures_within_the_fraction_are_reported_not_fatal(s3, stub, env, tmp_path):
     stub.script({"prompt-0": ["400"]})
-    job = Job(s3, stub, tmp_path, prompts(20), maxFailureFraction=0.1)
+    job = GenerateJob(s3, stub, tmp_path, prompts(20), maxFailureFraction=0.1)
     result, _ = generate.run(job.config)
     assert (result.examples, result.failed) == (19, 1)
     (failure,) = job.failures()
@@ -282,7 +156,7 @@ def test_failures_within_the_fraction_are_reported_not_fatal(s3, stub, env, tmp_
 
 
 def test_no_usable_prompt_is_a_clear_failure(s3, stub, env, tmp_path):
-    job = Job(s3, stub, tmp_path, [b"nope", b"[1, 2]"])
+    job = GenerateJob(s3, stub, tmp_path, [b"nope", b"[1, 2]"])
     with pytest.raises(common.WorkerError, match=r"no usable prompts.*2 malformed"):
         generate.run(job.config)
 
@@ -290,21 +164,10 @@ def test_no_usable_prompt_is_a_clear_failure(s3, stub, env, tmp_path):
 # --------------------------------------------------------------------------- kill and resume
 
 
-def _wait_for_stored(job: Job, proc: subprocess.Popen[str], at_least: int, timeout: float = 60) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"worker ended early:\n{proc.stdout.read() if proc.stdout else ''}"
-        stored = len(job.stored_keys())
-        if stored >= at_least:
-            return stored
-        time.sleep(0.05)
-    raise AssertionError(f"fewer than {at_least} answers stored after {timeout}s")
-
-
 def slow_job(s3, stub, tmp_path, total, **flush):
     """A run long enough to interrupt: 50 ms per answer, 4 in flight."""
     stub.script({}, latency=0.05)
-    return Job(s3, stub, tmp_path, prompts(total), **flush, teacher={"endpoint": {"maxConcurrency": 4}})
+    return GenerateJob(s3, stub, tmp_path, prompts(total), **flush, teacher={"endpoint": {"maxConcurrency": 4}})
 
 
 def test_sigkill_mid_run_then_resume_never_asks_twice(s3, stub, env, tmp_path):
@@ -312,7 +175,7 @@ def test_sigkill_mid_run_then_resume_never_asks_twice(s3, stub, env, tmp_path):
     job = slow_job(s3, stub, tmp_path, total, flushEvery=20, flushSeconds=0.25)
     proc = job.cli(env)
     try:
-        _wait_for_stored(job, proc, at_least=60)
+        wait_for_stored(job, proc, at_least=60)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=30)
@@ -425,7 +288,7 @@ def test_kill_and_resume_under_cpu_load_never_hangs_nor_asks_twice(s3, stub, env
             stored_before = job.stored_keys()
             proc = job.cli(env)
             try:
-                _wait_for_stored(job, proc, at_least=at_least, timeout=90)
+                wait_for_stored(job, proc, at_least=at_least, timeout=90)
             finally:
                 proc.send_signal(signal.SIGKILL)
                 proc.communicate(timeout=30)
@@ -455,7 +318,7 @@ def test_progress_is_reported_at_the_interval_with_monotone_counts_and_a_sane_et
     total = 150
     stub.script({}, latency=0.05)
     path = tmp_path / "generate.progress.json"
-    job = Job(s3, stub, tmp_path, prompts(total), teacher={"endpoint": {"maxConcurrency": 2}},
+    job = GenerateJob(s3, stub, tmp_path, prompts(total), teacher={"endpoint": {"maxConcurrency": 2}},
               progress={"file": str(path), "intervalSeconds": 1})  # fmt: skip
     sampler = ProgressSampler(path)
     started = time.monotonic()
