@@ -4,6 +4,9 @@
     python bench/operator_scale.py --sizes 10,100     # quicker
     python bench/operator_scale.py --sizes 1000 --timeout 1200
 
+The same harness with every stage running and reporting live progress (what 1,000 running jobs'
+reports cost the API server and the reactions): bench/progress_scale.py.
+
 For each N, on the local cluster of hack/cluster (real API server, etcd, Job controller,
 scheduler; kwok plays the kubelet), in a fresh namespace:
 
