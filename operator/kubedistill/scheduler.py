@@ -171,27 +171,26 @@ class Scheduler:
         found = list(self.progress_index.get((namespace, names.label_value(name)), ()))
         return ProgressSeen(exists=bool(found), data=found[0] if found else {})
 
-    async def _reconcile_job(self, namespace: str, name: str) -> Outcome:
+    async def _measured(self, kind: str, namespace: str, name: str, reconcile: Awaitable[Outcome]) -> Outcome:
+        """One reconcile, its time and finished stages counted; an error counted unless it is the spec's."""
         start = time.monotonic()
         try:
-            outcome = await reconcile_distillation_job(
-                self.cluster,
-                self.settings,
-                namespace,
-                name,
-                self._jobs_of(namespace, name),
-                self._progress_of(namespace, name),
-            )
+            outcome = await reconcile
         except InvalidSpec:
             raise
         except Exception:
-            self.metrics.observe_error("DistillationJob")
+            self.metrics.observe_error(kind)
             raise
         seconds = time.monotonic() - start
         self._count(seconds)
-        self.metrics.observe_reconcile("DistillationJob", seconds, outcome.finished)
-        log.debug("reconciled DistillationJob %s/%s in %.3fs: %s", namespace, name, seconds, outcome)
+        self.metrics.observe_reconcile(kind, seconds, outcome.finished)
+        log.debug("reconciled %s %s/%s in %.3fs: %s", kind, namespace, name, seconds, outcome)
         return outcome
+
+    async def _reconcile_job(self, namespace: str, name: str) -> Outcome:
+        jobs, progress = self._jobs_of(namespace, name), self._progress_of(namespace, name)
+        reconcile = reconcile_distillation_job(self.cluster, self.settings, namespace, name, jobs, progress)
+        return await self._measured("DistillationJob", namespace, name, reconcile)
 
     async def reconcile_job(self, namespace: str, name: str) -> Outcome:
         """Reconcile now (for kopf handlers: errors propagate)."""
@@ -245,18 +244,8 @@ class Scheduler:
     # ------------------------------------------------------------------ DistilledModel
 
     async def _reconcile_model(self, namespace: str, name: str) -> Outcome:
-        start = time.monotonic()
-        try:
-            outcome = await reconcile_distilled_model(self.cluster, self.settings, namespace, name)
-        except InvalidSpec:
-            raise
-        except Exception:
-            self.metrics.observe_error("DistilledModel")
-            raise
-        seconds = time.monotonic() - start
-        self._count(seconds)
-        self.metrics.observe_reconcile("DistilledModel", seconds)
-        return outcome
+        reconcile = reconcile_distilled_model(self.cluster, self.settings, namespace, name)
+        return await self._measured("DistilledModel", namespace, name, reconcile)
 
     async def reconcile_model(self, namespace: str, name: str) -> Outcome:
         async with self._exclusive(("DistilledModel", namespace, name), Priority.FIRST):
