@@ -6,7 +6,7 @@
 On the local cluster (real API server, kwok pods), in a fresh namespace, with the real operator:
 
 0. if the CPU pool's nodes hold fewer than N + ``--release`` pods, add kwok nodes cloned from its
-   first node (the local cluster's two hold 220), and remove them at the end;
+   largest node (the local cluster's two hold 220), and remove them at the end;
 1. create N + ``--release`` DistillationJobs whose generate pods kwok keeps running (the stage
    never ends until the bench lets it);
 2. baseline: the operator's API requests per second over ``--window`` seconds, nothing reporting;
@@ -112,9 +112,6 @@ class Reporters:
         self._thread.join(30)
 
 
-NODES_PER_POOL_NODE = 110  # pods a simulated CPU node holds (hack/cluster/nodes)
-
-
 def cpu_pool_nodes(cluster: Cluster) -> list[Any]:
     """The nodes a CPU stage pod can land on: the pool's labels, no NoSchedule taint (GPU nodes have one)."""
     from kubedistill.api.settings import OperatorSettings
@@ -133,7 +130,7 @@ def pod_capacity(nodes: list[Any]) -> int:
 
 
 class ExtraNodes:
-    """kwok nodes cloned from the CPU pool's first node, so that N generate pods can all be Running.
+    """kwok nodes cloned from the CPU pool's largest node, so that N generate pods can all be Running.
 
     The local cluster has two CPU nodes (220 pods); every pod of this bench stays Running, so an N
     above that needs more nodes. They are removed when the bench ends.
@@ -148,10 +145,10 @@ class ExtraNodes:
         missing = n - pod_capacity(nodes)
         if missing <= 0:
             return
-        if not nodes:
-            raise SystemExit("no CPU pool node to copy: start the cluster with hack/cluster/up")
-        template = nodes[0]
-        pods = int(template.status.allocatable.get("pods", NODES_PER_POOL_NODE))
+        template = max(nodes, key=lambda node: pod_capacity([node]), default=None)
+        pods = pod_capacity([template]) if template is not None else 0
+        if template is None or pods < 1:
+            raise SystemExit("no CPU pool node that holds pods to copy: start the cluster with hack/cluster/up")
         for i in range(-(-missing // pods)):
             name = f"{self.PREFIX}{i}"
             labels = {**(template.metadata.labels or {}), "kubernetes.io/hostname": name}
