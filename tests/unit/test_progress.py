@@ -208,3 +208,32 @@ def test_local_mode_shows_each_new_report(tmp_path: Path, tty: bool):
     assert live.lines == 2  # the second report moved nothing
     shown = lines if not tty else [part for part in stream.getvalue().split("\r\x1b[K") if part]
     assert [line.split()[:2] for line in shown] == [["train", "25%"], ["train", "50%"]]
+
+
+def test_local_mode_shows_a_final_report_written_in_the_same_second(tmp_path: Path):
+    """The last report (100%) often follows the one before within a second: it is still a new line."""
+    path = tmp_path / "train.progress.json"
+    lines: list[str] = []
+    live = LiveProgress(path, "train", lines.append, io.StringIO())
+    for done in (988, 1000):
+        path.write_text(json.dumps({**report("train", "j", done, 1000).to_wire(), "updatedAt": "2026-01-01T00:00:01Z"}))
+        live.poll()
+    live.close()
+    assert [line.split()[:2] for line in lines] == [["train", "99%"], ["train", "100%"]]
+
+
+def test_local_run_shows_the_report_a_worker_writes_just_before_it_exits(tmp_path: Path):
+    """The runner reads the progress file once more after the worker exits, so 100% is never lost."""
+    import subprocess
+    import sys
+
+    from kubedistill.local.runner import _wait_showing_progress
+
+    path = tmp_path / "train.progress.json"
+    final = json.dumps(report("train", "j", 1000, 1000).to_wire())
+    write_and_exit = f"import pathlib; pathlib.Path({str(path)!r}).write_text({final!r})"
+    lines: list[str] = []
+    live = LiveProgress(path, "train", lines.append, io.StringIO())
+    proc = subprocess.Popen([sys.executable, "-c", write_and_exit])
+    assert _wait_showing_progress(proc, live) == 0
+    assert [line.split()[:2] for line in lines] == [["train", "100%"]]

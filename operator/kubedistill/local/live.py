@@ -38,10 +38,12 @@ class LiveProgress:
 
     def poll(self) -> None:
         report = self._read()
-        if report is None or (self.shown is not None and report.updated_at == self.shown.updated_at):
+        if report is None:
             return
         if self.shown is not None and report.done == self.shown.done and report.total == self.shown.total:
-            return  # nothing moved since the last line
+            # Nothing moved since the last line. (Not ``updated_at``: it has one-second resolution,
+            # and the final report often lands in the same second as the one before it.)
+            return
         self.shown = report
         self.lines += 1
         line = format_line(report)

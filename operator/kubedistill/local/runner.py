@@ -244,9 +244,12 @@ def _wait_showing_progress(proc: subprocess.Popen[bytes], live: LiveProgress) ->
     try:
         while True:
             try:
-                return proc.wait(timeout=0.5)
+                code = proc.wait(timeout=0.5)
             except subprocess.TimeoutExpired:
                 live.poll()
+                continue
+            live.poll()  # the final report, written just before the worker exited
+            return code
     finally:
         live.close()
 
