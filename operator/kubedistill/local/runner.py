@@ -21,6 +21,7 @@ answers it has not stored, train resumes from its newest checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -241,15 +242,13 @@ def run_worker(stage: str, config: Mapping[str, Any], run_dir: Path, options: Lo
 
 def _wait_showing_progress(proc: subprocess.Popen[bytes], live: LiveProgress) -> int:
     """The worker's exit code; meanwhile its progress reports, as they come."""
+    code: int | None = None
     try:
-        while True:
-            try:
+        while code is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 code = proc.wait(timeout=0.5)
-            except subprocess.TimeoutExpired:
-                live.poll()
-                continue
-            live.poll()  # the final report, written just before the worker exited
-            return code
+            live.poll()  # after the exit too: the final report, written just before the worker exited
+        return code
     finally:
         live.close()
 
